@@ -1,0 +1,307 @@
+"""The one plugin interface behind every source, transformation and sink.
+
+A plugin is a class with a `metadata` description, a pydantic `Config` model
+(its config schema, validated with the rest of the pipeline file) and the
+lifecycle `__init__(config, context)` -> `open()` -> work -> `close()`.
+
+Work happens per Arrow record batch, never per record:
+
+- `Source.read()` yields `SourceBatch` items (a batch plus where it came from).
+- `Transform.process()` takes one batch and returns zero or more batches;
+  `on_watermark()` lets stateful transformations emit what the event-time
+  clock has made final; `finish()` emits what is left at the end of input.
+- `Sink.write()` takes one batch; `flush()` makes written data durable.
+
+Records a plugin cannot handle are handed to `OperatorContext.reject()`; the
+engine sends them to the dead-letter output (or stops the run under the
+fail-fast policy). A plugin never drops a record without saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+API_VERSION = 1
+
+EVENT_TIME = "_event_time"
+"""Reserved column with each record's event time (timestamp[us, UTC])."""
+
+KEY = "_key"
+PARTITION = "_partition"
+OFFSET = "_offset"
+HEADERS = "_headers"
+RESERVED_COLUMNS = frozenset({EVENT_TIME, KEY, PARTITION, OFFSET, HEADERS})
+"""Stream metadata columns. Sinks leave them out unless asked to keep them."""
+
+
+class PluginKind(StrEnum):
+    SOURCE = "source"
+    SINK = "sink"
+    FILTER = "filter"
+    MAP = "map"
+    FLAT_MAP = "flat_map"
+    AGGREGATE = "aggregate"
+    WINDOW = "window"
+    PROCESSOR = "processor"
+
+
+@dataclass(frozen=True)
+class PluginMetadata:
+    name: str
+    kind: PluginKind
+    description: str
+    version: str = "1.0.0"
+    author: str = "DataFlare"
+    api_version: int = API_VERSION
+
+
+class PluginConfig(BaseModel):
+    """Base of every plugin's config model: unknown keys are validation errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldNotFoundError(ValueError):
+    """A configuration names a field that the input does not have."""
+
+    def __init__(self, name: str, available: Sequence[str], *, where: str = "") -> None:
+        self.name = name
+        self.available = list(available)
+        self.where = where
+        super().__init__(name)
+
+    def __str__(self) -> str:
+        import difflib
+
+        close = difflib.get_close_matches(self.name, self.available, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        fields = ", ".join(self.available) or "(none)"
+        where = f" in {self.where}" if self.where else ""
+        return f"field {self.name!r}{where} not found; fields are: {fields}.{hint}"
+
+
+class OperatorContext(Protocol):
+    """What the engine gives each running plugin instance."""
+
+    @property
+    def step(self) -> str:
+        """Step id from the pipeline file, for example `delayed`."""
+
+    @property
+    def instance(self) -> int:
+        """Index of this parallel instance, 0 to `parallelism - 1`."""
+
+    @property
+    def parallelism(self) -> int: ...
+
+    @property
+    def logger(self) -> logging.Logger: ...
+
+    @property
+    def stopping(self) -> bool:
+        """True once the run was asked to stop (SIGINT, SIGTERM or an error)."""
+
+    def reject(
+        self,
+        records: pa.RecordBatch | Sequence[Any],
+        reasons: str | Sequence[str],
+        positions: Sequence[str | None] | None = None,
+    ) -> None:
+        """Send records to the dead-letter output with the reason for each."""
+
+    def emit_side(self, port: str, batch: pa.RecordBatch) -> None:
+        """Send a batch to a named side output, such as `late`."""
+
+    def count(self, name: str, value: int = 1) -> None:
+        """Add to a named counter of this step (shown in the run summary)."""
+
+
+ConfigT = TypeVar("ConfigT", bound=PluginConfig)
+
+
+class Plugin(ABC, Generic[ConfigT]):
+    """Base of all plugins. Subclasses set `metadata` and `Config`."""
+
+    metadata: ClassVar[PluginMetadata]
+    Config: ClassVar[type[PluginConfig]]
+
+    def __init__(self, config: ConfigT, context: OperatorContext) -> None:
+        self.config = config
+        self.context = context
+
+    def open(self) -> None:  # noqa: B027 - optional hook
+        """Acquire resources (files, connections) before the first batch."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources. Called once, also after a failure."""
+
+
+# --- sources ---------------------------------------------------------------
+
+
+class Origin(ABC):
+    """Where the rows of one batch came from, to name bad records precisely."""
+
+    @abstractmethod
+    def position(self, row: int) -> str:
+        """Describe the input position of batch row `row`, e.g. `f.csv line 7`."""
+
+
+@dataclass(frozen=True)
+class SequentialOrigin(Origin):
+    """Rows numbered consecutively from `first` in one input (file, stream)."""
+
+    name: str
+    first: int
+    unit: str = "row"
+
+    def position(self, row: int) -> str:
+        return f"{self.name} {self.unit} {self.first + row}"
+
+
+@dataclass(frozen=True)
+class NumberedOrigin(Origin):
+    """Rows whose input numbers (for example line numbers) are listed."""
+
+    name: str
+    numbers: Sequence[int]
+    unit: str = "line"
+
+    def position(self, row: int) -> str:
+        return f"{self.name} {self.unit} {self.numbers[row]}"
+
+
+@dataclass(frozen=True)
+class SourceBatch:
+    batch: pa.RecordBatch
+    origin: Origin | None = None
+
+
+@dataclass(frozen=True)
+class Idle:
+    """Yielded by an unbounded source that has no data right now."""
+
+
+IDLE = Idle()
+
+
+@dataclass
+class Progress:
+    """How far a bounded source is, in `unit` (bytes or records)."""
+
+    done: int = 0
+    total: int | None = None
+    unit: str = "bytes"
+
+
+class Source(Plugin[ConfigT]):
+    """Produces record batches. Bounded sources end; unbounded ones run on."""
+
+    @property
+    def bounded(self) -> bool:
+        return True
+
+    @abstractmethod
+    def schema(self) -> pa.Schema:
+        """Return the schema of the batches, known before the run starts.
+
+        Raises:
+            ValueError: the input cannot be read; the message says why.
+        """
+
+    @abstractmethod
+    def read(self) -> Iterator[SourceBatch | Idle]:
+        """Yield batches until the input ends or `context.stopping` is set."""
+
+    def progress(self) -> Progress | None:
+        return None
+
+
+# --- transformations -------------------------------------------------------
+
+
+class Transform(Plugin[ConfigT]):
+    """Turns input batches into output batches; may keep state."""
+
+    #: Number of inputs the transformation takes (2 for a join, for example).
+    #: None means any number of inputs, all with the same schema.
+    input_count: ClassVar[int | None] = 1
+
+    @abstractmethod
+    def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
+        """Return the output schema for these input schemas.
+
+        Raises:
+            FieldNotFoundError: the config names a field the input lacks.
+            ValueError: another config problem, with a message that says what.
+        """
+
+    def side_outputs(self, inputs: Sequence[pa.Schema]) -> dict[str, pa.Schema]:
+        """Return the named side outputs and their schemas, e.g. `late`."""
+        return {}
+
+    def partition_key(self) -> list[str] | None:
+        """Return the fields that partition records across parallel instances.
+
+        None means the transformation keeps no per-key state, so records may
+        go to any instance.
+        """
+        return None
+
+    @abstractmethod
+    def process(self, batch: pa.RecordBatch, input_index: int = 0) -> list[pa.RecordBatch]:
+        """Transform one batch from input `input_index`."""
+
+    def on_watermark(self, watermark: int) -> list[pa.RecordBatch]:
+        """React to the event-time clock (microseconds since the epoch, UTC)."""
+        return []
+
+    def finish(self) -> list[pa.RecordBatch]:
+        """Emit what remains once every input has ended or the run stops."""
+        return []
+
+
+# --- sinks -----------------------------------------------------------------
+
+
+@dataclass
+class SinkInfo:
+    """What a sink wrote, for the run summary."""
+
+    paths: list[str] = field(default_factory=list)
+    delivery: str = "at-least-once"
+    table: pa.Table | None = None  # records kept in memory (memory sink)
+
+
+class SinkConfig(PluginConfig):
+    """Base of sink configs."""
+
+    include_metadata: bool = False
+    """Keep the reserved stream columns (`_event_time`, `_key`, ...) in the output."""
+
+
+class Sink(Plugin[ConfigT]):
+    """Writes record batches to an external system."""
+
+    #: Schema of the records that will arrive, set by the engine before
+    #: `open()`; lets a sink write a valid empty output when no record comes.
+    input_schema: pa.Schema | None = None
+
+    @abstractmethod
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Write one batch. Reserved metadata columns are already removed
+        unless the sink's config asks to keep them."""
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Make everything written so far durable."""
+
+    def info(self) -> SinkInfo:
+        return SinkInfo()

@@ -1,0 +1,64 @@
+"""The dead-letter output: one JSON line per rejected record.
+
+Each line has the pipeline id, the step that rejected the record, the
+reason, the input position where the source knows it (`flights.csv row 17`,
+`events.jsonl line 3`), the record (an object for parsed records, the raw
+text otherwise) and the wall-clock time of rejection. The file is created
+on the first rejection only, so a clean run leaves no empty file behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import pyarrow as pa
+
+
+class DeadLetterWriter:
+    def __init__(self, path: str | Path, pipeline_id: str) -> None:
+        self.path = Path(path)
+        self.pipeline_id = pipeline_id
+        self.count = 0
+        self._file: IO[bytes] | None = None
+        self._lock = threading.Lock()
+
+    def write(
+        self,
+        step: str,
+        records: pa.RecordBatch | Sequence[Any],
+        reasons: str | Sequence[str],
+        positions: Sequence[str | None] | None,
+    ) -> int:
+        rows = records.to_pylist() if isinstance(records, pa.RecordBatch) else list(records)
+        if isinstance(reasons, str):
+            reasons = [reasons] * len(rows)
+        now = dt.datetime.now(dt.UTC).isoformat()
+        lines = []
+        for i, row in enumerate(rows):
+            entry = {
+                "pipeline": self.pipeline_id,
+                "step": step,
+                "reason": reasons[i],
+                "position": positions[i] if positions is not None else None,
+                "record": row,
+                "rejected_at": now,
+            }
+            lines.append(orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS))
+        with self._lock:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = self.path.open("ab")
+            self._file.write(b"\n".join(lines) + b"\n")
+            self.count += len(rows)
+        return len(rows)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None

@@ -1,0 +1,41 @@
+"""What flows between operator instances: data, watermarks, idleness, end.
+
+Each message carries the `channel` it arrived on: one channel per
+(upstream instance, port) edge into a downstream instance, so that the
+downstream instance can track a watermark per input and know when all of
+them have ended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+@dataclass(slots=True)
+class Data:
+    channel: int
+    batch: pa.RecordBatch
+    created_ns: int  # monotonic clock when the source emitted the rows
+
+
+@dataclass(slots=True)
+class Watermark:
+    channel: int
+    time: int  # microseconds since the epoch, UTC
+    created_ns: int
+
+
+@dataclass(slots=True)
+class IdleState:
+    channel: int
+    idle: bool
+
+
+@dataclass(slots=True)
+class End:
+    channel: int
+
+
+Message = Data | Watermark | IdleState | End

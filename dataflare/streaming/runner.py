@@ -1,0 +1,173 @@
+"""Run a validated plan: progress snapshots, signals and the run summary."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+
+from dataflare.plugin.interface import Sink, Source
+from dataflare.streaming.errors import PipelineRunError
+from dataflare.streaming.executor import Executor
+from dataflare.streaming.metrics import RunSummary, StepSummary
+from dataflare.streaming.plan import PipelinePlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    """What a run has done so far, passed to progress callbacks."""
+
+    elapsed_seconds: float
+    records_read: int
+    records_written: int
+    rejected: int
+    done: int | None  # bytes or records read, when the sources are bounded
+    total: int | None
+    unit: str
+    bounded: bool
+
+    @property
+    def rate(self) -> float:
+        return self.records_read / self.elapsed_seconds if self.elapsed_seconds else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        if not self.bounded or not self.total or not self.done:
+            return None
+        speed = self.done / self.elapsed_seconds if self.elapsed_seconds else 0
+        return (self.total - self.done) / speed if speed else None
+
+
+ProgressCallback = Callable[[ProgressSnapshot], None]
+
+
+class PipelineRun:
+    """One execution of a plan. `run()` blocks; `stop()` may be called from
+    another thread or a signal handler to end it cleanly."""
+
+    def __init__(self, plan: PipelinePlan) -> None:
+        self.plan = plan
+        self.executor = Executor(plan)
+        self._started = 0.0
+
+    def stop(self) -> None:
+        if not self.executor.state.stop.is_set():
+            logger.info("stop requested: ending sources, draining the pipeline")
+        self.executor.request_stop()
+
+    def snapshot(self) -> ProgressSnapshot:
+        metrics = self.executor.state.metrics
+        read = sum(m.records_in for m in metrics if m.section == "sources")
+        written = sum(m.records_out for m in metrics if m.section == "destinations")
+        rejected = self.executor.state.dead_letter.count
+        sources = [i.plugin for i in self.executor.all_instances()
+                   if isinstance(i.plugin, Source)]
+        bounded = all(s.bounded for s in sources)
+        progresses = [p for p in (s.progress() for s in sources) if p is not None]
+        done = total = None
+        unit = "records"
+        if bounded and progresses and all(p.total for p in progresses):
+            done = sum(p.done for p in progresses)
+            total = sum(p.total or 0 for p in progresses)
+            unit = progresses[0].unit
+        return ProgressSnapshot(time.monotonic() - self._started, read, written,
+                                rejected, done, total, unit, bounded)
+
+    def run(self, on_progress: ProgressCallback | None = None,
+            progress_interval: float = 0.25) -> RunSummary:
+        self._started = time.monotonic()
+        error: PipelineRunError | None = None
+        tick = (lambda: on_progress(self.snapshot())) if on_progress else None
+        try:
+            self.executor.run(on_tick=tick, tick_seconds=progress_interval)
+        except PipelineRunError as exc:
+            error = exc
+        if on_progress is not None:
+            on_progress(self.snapshot())
+        summary = self.summary(error)
+        logger.info("pipeline %r %s in %.2f s: %d records read, %d written, %d rejected",
+                    summary.pipeline_id, summary.status, summary.wall_seconds,
+                    summary.records_read, summary.records_written, summary.rejected)
+        if error is not None:
+            error.summary = summary  # type: ignore[attr-defined]
+            raise error
+        return summary
+
+    def summary(self, error: BaseException | None = None) -> RunSummary:
+        state = self.executor.state
+        wall = time.monotonic() - self._started
+        steps = []
+        for step in self.plan.steps.values():
+            metrics = [m for m in state.metrics if m.step == step.id]
+            counters: dict[str, int] = {}
+            for m in metrics:
+                for name, value in m.counters.items():
+                    counters[name] = counters.get(name, 0) + value
+            steps.append(StepSummary(
+                step=step.id, section=step.section, type=step.type,
+                parallelism=step.parallelism,
+                records_in=sum(m.records_in for m in metrics),
+                records_out=sum(m.records_out for m in metrics),
+                counters=counters,
+                busy_seconds=sum(m.busy_ns for m in metrics) / 1e9,
+            ))
+        outputs: dict[str, list[str]] = {}
+        delivery: dict[str, str] = {}
+        tables = {}
+        for instance in self.executor.all_instances():
+            if isinstance(instance.plugin, Sink):
+                info = instance.plugin.info()
+                outputs.setdefault(instance.plan.id, []).extend(info.paths)
+                delivery[instance.plan.id] = info.delivery
+                if info.table is not None:
+                    tables[instance.plan.id] = info.table
+        p50, p99 = state.latency.percentiles(0.5, 0.99)
+        status = "failed" if error else ("stopped" if state.stop.is_set() else "completed")
+        return RunSummary(
+            pipeline_id=self.plan.spec.id,
+            status=status,
+            wall_seconds=wall,
+            steps=steps,
+            records_read=sum(s.records_in for s in steps if s.section == "sources"),
+            records_written=sum(s.records_out for s in steps if s.section == "destinations"),
+            rejected=state.dead_letter.count,
+            late=sum(s.counters.get("late", 0) for s in steps),
+            latency_p50_ms=p50,
+            latency_p99_ms=p99,
+            dead_letter_path=str(state.dead_letter.path) if state.dead_letter.count else None,
+            outputs=outputs,
+            delivery=delivery,
+            error=str(error) if error else None,
+            tables=tables,
+        )
+
+
+@contextmanager
+def stop_on_signals(run: PipelineRun) -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into a clean stop; a second signal aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            logger.warning("second signal: aborting without draining")
+            run.executor.state.abort.set()
+        logger.info("received %s", signal.Signals(signum).name)
+        run.stop()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)

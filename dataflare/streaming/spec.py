@@ -1,0 +1,198 @@
+"""The pipeline file format as pydantic models.
+
+The shape is the DataFlare workflow format (`id`, `name`, `version`,
+`description`, `sources`, `transformations`, `destinations`, `schedule`,
+`metadata`), extended for streaming with `event_time`, `watermark`,
+`parallelism`, `execution` and `errors`. Plugin `config` blocks are checked
+against each plugin's own config model in `dataflare.streaming.validate`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|min|h|d)?\s*$")
+_UNIT_SECONDS = {
+    "us": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+}
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(us|ms|s|m|min|h|d)?\s*$"
+
+
+def parse_duration(value: Any) -> Any:
+    """Parse `1h`, `15m`, `30s`, `250ms`, `10us`, `2d` or a number of seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '30s', '5m' or '1h'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            number, unit = match.groups()
+            return timedelta(seconds=float(number) * _UNIT_SECONDS[unit or "s"])
+    raise ValueError(
+        f"invalid duration {value!r}; write a number with a unit: us, ms, s, m, h or d "
+        "(for example '30s', '5m', '1h')"
+    )
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": DURATION_PATTERN},
+                {"type": "number", "minimum": 0},
+            ],
+            "description": "Duration: '250ms', '30s', '5m', '1h', '1d' or seconds",
+        }
+    ),
+]
+
+STEP_ID = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+StepId = Annotated[str, Field(pattern=STEP_ID)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EventTimeSpec(_Model):
+    """How a source finds each record's event time."""
+
+    field: str | None = None
+    """Field that holds the event time."""
+    expression: str | None = None
+    """SQL expression computing the event time, e.g.
+    `time_hour + minute * INTERVAL '1 minute'`."""
+    format: str | None = None
+    """How a string or number field encodes time: a strftime pattern such as
+    `%Y-%m-%d %H:%M:%S`, or `iso8601`, `unix_s`, `unix_ms`, `unix_us`.
+    Default: timestamps as they are, strings as ISO 8601."""
+    timezone: str = "UTC"
+    """Zone of timestamps that carry none."""
+
+    @model_validator(mode="after")
+    def _one_of_field_or_expression(self) -> EventTimeSpec:
+        if (self.field is None) == (self.expression is None):
+            raise ValueError("set exactly one of 'field' or 'expression'")
+        return self
+
+
+class WatermarkSpec(_Model):
+    max_out_of_orderness: Duration = timedelta(0)
+    """How far behind the newest event time a record may arrive and still be
+    on time. The watermark is the newest event time seen minus this bound."""
+    idle_timeout: Duration | None = None
+    """After this long without data, the source stops holding back the
+    watermark of downstream steps that also read other inputs."""
+
+
+class SourceSpec(_Model):
+    type: str
+    mode: Literal["full", "incremental", "cdc"] = "full"
+    config: dict[str, Any] = Field(default_factory=dict)
+    event_time: EventTimeSpec | None = None
+    watermark: WatermarkSpec = Field(default_factory=WatermarkSpec)
+    description: str | None = None
+
+
+class StepSpec(_Model):
+    type: str
+    inputs: list[str] = Field(min_length=1)
+    config: dict[str, Any] = Field(default_factory=dict)
+    parallelism: int | None = Field(default=None, ge=1, le=256)
+    description: str | None = None
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_are_step_refs(cls, inputs: list[str]) -> list[str]:
+        for ref in inputs:
+            step, _, port = ref.partition(".")
+            if not re.match(STEP_ID, step) or (port and not re.match(STEP_ID, port)):
+                raise ValueError(
+                    f"invalid input {ref!r}; write a step id, or step.port for a "
+                    "side output such as 'hourly.late'"
+                )
+        return inputs
+
+
+class TransformSpec(StepSpec):
+    pass
+
+
+class DestinationSpec(StepSpec):
+    pass
+
+
+class ExecutionSpec(_Model):
+    parallelism: int = Field(default=1, ge=1, le=256)
+    """Default number of parallel instances per transformation."""
+    max_batch_rows: int = Field(default=65536, ge=1)
+    """Largest batch a source emits."""
+    linger: Duration = timedelta(milliseconds=5)
+    """Longest time a source holds records back to fill a batch."""
+    queue_batches: int = Field(default=8, ge=1)
+    """Batches that may wait between two steps before the upstream one blocks."""
+
+
+class DeadLetterSpec(_Model):
+    path: str = "dead-letter/{pipeline_id}.jsonl"
+    """JSON lines file for rejected records; `{pipeline_id}` is replaced."""
+
+
+class ErrorsSpec(_Model):
+    policy: Literal["dead_letter", "fail"] = "dead_letter"
+    """`dead_letter`: write bad records to the dead-letter file and go on.
+    `fail`: stop the run at the first bad record."""
+    dead_letter: DeadLetterSpec = Field(default_factory=DeadLetterSpec)
+
+
+class ScheduleSpec(_Model):
+    cron: str | None = None
+    interval: Duration | None = None
+    timezone: str = "UTC"
+
+
+class PipelineSpec(_Model):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    name: str | None = None
+    version: str = "1.0.0"
+    description: str | None = None
+    sources: dict[StepId, SourceSpec] = Field(min_length=1)
+    transformations: dict[StepId, TransformSpec] = Field(default_factory=dict)
+    destinations: dict[StepId, DestinationSpec] = Field(min_length=1)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    errors: ErrorsSpec = Field(default_factory=ErrorsSpec)
+    # NOTE: `schedule` is validated and kept; `dataflare run` runs once and
+    # does not wait for it, because acting on it needs a long-lived scheduler.
+    schedule: ScheduleSpec | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def step_section(self, step: str) -> str | None:
+        for section in ("sources", "transformations", "destinations"):
+            if step in getattr(self, section):
+                return section
+        return None

@@ -1,0 +1,169 @@
+"""Event time: extraction from records, and watermarks.
+
+Times inside the engine are integers: microseconds since the Unix epoch, UTC.
+The event time of each record sits in the reserved `_event_time` column as
+`timestamp[us, tz=UTC]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from dataflare.plugin.interface import EVENT_TIME, FieldNotFoundError
+from dataflare.streaming.spec import EventTimeSpec, WatermarkSpec
+
+MIN_TIME = -(2**63)
+MAX_TIME = 2**63 - 1
+EVENT_TIME_TYPE = pa.timestamp("us", tz="UTC")
+_UNIX_UNITS = {"unix_s": "s", "unix_ms": "ms", "unix_us": "us"}
+
+
+def micros(delta_seconds: float) -> int:
+    return int(round(delta_seconds * 1_000_000))
+
+
+@dataclass
+class Extracted:
+    batch: pa.RecordBatch
+    bad_rows: np.ndarray  # indices into the input batch
+    reasons: list[str]
+
+
+class EventTimeExtractor:
+    """Adds `_event_time` to batches according to a source's `event_time`."""
+
+    def __init__(self, spec: EventTimeSpec, schema: pa.Schema) -> None:
+        self.spec = spec
+        self.fields = list(schema.names)
+        if spec.field is not None:
+            if spec.field not in self.fields:
+                raise FieldNotFoundError(spec.field, self.fields, where="event_time.field")
+            self._source = pl.col(spec.field)
+            self._described = f"field {spec.field!r}"
+        else:
+            assert spec.expression is not None
+            try:
+                self._source = pl.sql_expr(spec.expression)
+            except Exception as exc:  # polars raises several types for bad SQL
+                raise ValueError(f"invalid event_time.expression: {exc}") from exc
+            for name in self._source.meta.root_names():
+                if name not in self.fields:
+                    raise FieldNotFoundError(name, self.fields, where="event_time.expression")
+            self._described = f"expression {spec.expression!r}"
+        self._expr = self._converted(schema)
+
+    def _converted(self, schema: pa.Schema) -> pl.Expr:
+        empty = pl.from_arrow(schema.empty_table())
+        assert isinstance(empty, pl.DataFrame)
+        try:
+            dtype = empty.select(self._source.alias("t")).schema["t"]
+        except pl.exceptions.PolarsError as exc:
+            raise ValueError(f"invalid event_time {self._described}: {exc}") from exc
+        fmt = self.spec.format
+        expr = self._source
+        if isinstance(dtype, pl.Datetime):
+            if dtype.time_zone is None:
+                expr = expr.dt.replace_time_zone(self.spec.timezone)
+            return expr.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+        if dtype == pl.Date:
+            return expr.cast(pl.Datetime("us")).dt.replace_time_zone(
+                self.spec.timezone
+            ).dt.convert_time_zone("UTC")
+        if dtype.is_numeric():
+            unit = _UNIX_UNITS.get(fmt or "unix_s")
+            if unit is None:
+                raise ValueError(
+                    f"event_time {self._described} is numeric, so format must be "
+                    f"unix_s, unix_ms or unix_us, not {fmt!r}"
+                )
+            scale = {"s": 1_000_000, "ms": 1_000, "us": 1}[unit]
+            return (expr.cast(pl.Float64) * scale).cast(pl.Int64, strict=False).cast(
+                pl.Datetime("us", "UTC")
+            )
+        if dtype == pl.String:
+            if fmt is None or fmt == "iso8601":
+                parsed = expr.str.to_datetime(time_unit="us", strict=False)
+            else:
+                parsed = expr.str.to_datetime(fmt, time_unit="us", strict=False)
+            return _to_utc(parsed, self.spec.timezone)
+        raise ValueError(
+            f"event_time {self._described} has type {dtype}; it must be a timestamp, "
+            "a date, a number of seconds or a string"
+        )
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        if EVENT_TIME in schema.names:
+            schema = schema.remove(schema.get_field_index(EVENT_TIME))
+        return schema.append(pa.field(EVENT_TIME, EVENT_TIME_TYPE))
+
+    def apply(self, batch: pa.RecordBatch) -> Extracted:
+        df = pl.from_arrow(batch)
+        assert isinstance(df, pl.DataFrame)
+        try:
+            times = df.select(self._expr.alias(EVENT_TIME)).to_series()
+        except pl.exceptions.PolarsError:
+            # A value the vectorised parse rejects outright: retry row by row
+            # with nulls for the failures.
+            times = pl.Series(EVENT_TIME, [self._one(df, i) for i in range(df.height)],
+                              dtype=pl.Datetime("us", "UTC"))
+        arrow_times = times.to_arrow().cast(EVENT_TIME_TYPE)
+        if EVENT_TIME in batch.schema.names:
+            batch = batch.drop_columns([EVENT_TIME])
+        out = batch.append_column(pa.field(EVENT_TIME, EVENT_TIME_TYPE), arrow_times)
+        null_mask = times.is_null().to_numpy()
+        bad = np.flatnonzero(null_mask)
+        reasons = [self._reason(df, int(i)) for i in bad] if len(bad) else []
+        return Extracted(out, bad, reasons)
+
+    def _one(self, df: pl.DataFrame, row: int) -> object:
+        try:
+            return df.slice(row, 1).select(self._expr).item()
+        except pl.exceptions.PolarsError:
+            return None
+
+    def _reason(self, df: pl.DataFrame, row: int) -> str:
+        if self.spec.field is not None:
+            value = df[self.spec.field][row]
+            if value is None:
+                return f"missing event time: field {self.spec.field!r} is empty or absent"
+            fmt = self.spec.format or "ISO 8601"
+            return (f"invalid event time: field {self.spec.field!r} value {value!r} "
+                    f"does not match format {fmt!r}")
+        return f"missing event time: expression {self.spec.expression!r} gave no value"
+
+
+def _to_utc(expr: pl.Expr, timezone: str) -> pl.Expr:
+    # Strings with an offset parse as UTC-aware; those without get `timezone`.
+    return expr.dt.replace_time_zone(None).dt.replace_time_zone(
+        timezone
+    ).dt.convert_time_zone("UTC") if timezone != "UTC" else expr.dt.replace_time_zone(
+        None
+    ).dt.replace_time_zone("UTC")
+
+
+class WatermarkGenerator:
+    """Bounded out-of-orderness: watermark = newest event time - bound."""
+
+    def __init__(self, spec: WatermarkSpec) -> None:
+        self.bound = micros(spec.max_out_of_orderness.total_seconds())
+        self.max_seen = MIN_TIME
+        self.current = MIN_TIME
+
+    def observe(self, batch: pa.RecordBatch) -> int | None:
+        """Return the new watermark after `batch`, or None if it did not advance."""
+        column = batch.column(EVENT_TIME)
+        if column.null_count == len(column):
+            return None
+        newest = pa.compute.max(column.cast(pa.int64())).as_py()
+        if newest is None or newest <= self.max_seen:
+            return None
+        self.max_seen = newest
+        candidate = newest - self.bound
+        if candidate > self.current:
+            self.current = candidate
+            return candidate
+        return None

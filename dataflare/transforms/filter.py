@@ -1,0 +1,52 @@
+"""`filter`: keep the records for which a SQL condition is true.
+
+Example::
+
+    transformations:
+      delayed:
+        type: filter
+        inputs: [flights]
+        config: {condition: "dep_time IS NOT NULL AND dep_delay > 15"}
+
+A record whose condition is null (for example `dep_delay > 15` with an
+empty `dep_delay`) is dropped like a false one, as in SQL's WHERE. Dropped
+records are counted as `filtered` in the run summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+from pydantic import Field
+
+from dataflare.plugin.interface import PluginConfig, PluginKind, PluginMetadata, Transform
+from dataflare.transforms.expressions import parse_expression, to_polars
+
+
+class FilterConfig(PluginConfig):
+    condition: str = Field(min_length=1, description="SQL condition, e.g. 'dep_delay > 15'")
+
+
+class FilterTransform(Transform[FilterConfig]):
+    """Keep records matching a SQL condition."""
+
+    metadata = PluginMetadata("filter", PluginKind.FILTER, "Keep records matching a "
+                              "SQL condition")
+    Config = FilterConfig
+
+    def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
+        parse_expression(self.config.condition, inputs[0].names, where="condition")
+        return inputs[0]
+
+    def open(self) -> None:
+        self._expr = None
+
+    def process(self, batch: pa.RecordBatch, input_index: int = 0) -> list[pa.RecordBatch]:
+        if self._expr is None:
+            self._expr = parse_expression(self.config.condition, batch.schema.names,
+                                          where="condition")
+        mask = to_polars(batch).select(self._expr.fill_null(False)).to_series()
+        kept = batch.filter(mask.to_arrow())
+        self.context.count("filtered", batch.num_rows - kept.num_rows)
+        return [kept] if kept.num_rows else []
