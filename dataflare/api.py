@@ -53,17 +53,30 @@ def run_pipeline(
         PipelineValidationError: the file is invalid.
         PipelineRunError: the run failed; `.summary` has what it did.
     """
-    plan = pipeline if isinstance(pipeline, PipelinePlan) else load_pipeline(pipeline, params)
+    plan = (
+        pipeline
+        if isinstance(pipeline, PipelinePlan)
+        else load_pipeline(pipeline, params)
+    )
     return PipelineRun(plan).run(on_progress=on_progress)
 
 
 class Pipeline:
     """Build a pipeline in code; the result is checked like a pipeline file."""
 
-    def __init__(self, id: str, *, name: str | None = None, version: str = "1.0.0",
-                 description: str | None = None) -> None:
+    def __init__(
+        self,
+        id: str,
+        *,
+        name: str | None = None,
+        version: str = "1.0.0",
+        description: str | None = None,
+    ) -> None:
         self._data: dict[str, Any] = {
-            "id": id, "version": version, "sources": {}, "transformations": {},
+            "id": id,
+            "version": version,
+            "sources": {},
+            "transformations": {},
             "destinations": {},
         }
         if name is not None:
@@ -72,8 +85,15 @@ class Pipeline:
             self._data["description"] = description
         self._registry: PluginRegistry | None = None
 
-    def source(self, step: str, type: str, *, event_time: Mapping[str, Any] | None = None,
-               watermark: Mapping[str, Any] | None = None, **config: Any) -> str:
+    def source(
+        self,
+        step: str,
+        type: str,
+        *,
+        event_time: Mapping[str, Any] | None = None,
+        watermark: Mapping[str, Any] | None = None,
+        **config: Any,
+    ) -> str:
         """Add a source step; return its id for use in `inputs`."""
         spec: dict[str, Any] = {"type": type, "config": config}
         if event_time is not None:
@@ -83,8 +103,15 @@ class Pipeline:
         self._data["sources"][step] = spec
         return step
 
-    def transform(self, step: str, type: str, inputs: Sequence[str], *,
-                  parallelism: int | None = None, **config: Any) -> str:
+    def transform(
+        self,
+        step: str,
+        type: str,
+        inputs: Sequence[str],
+        *,
+        parallelism: int | None = None,
+        **config: Any,
+    ) -> str:
         """Add a transformation step; return its id."""
         spec: dict[str, Any] = {"type": type, "inputs": list(inputs), "config": config}
         if parallelism is not None:
@@ -92,10 +119,15 @@ class Pipeline:
         self._data["transformations"][step] = spec
         return step
 
-    def destination(self, step: str, type: str, inputs: Sequence[str], **config: Any) -> str:
+    def destination(
+        self, step: str, type: str, inputs: Sequence[str], **config: Any
+    ) -> str:
         """Add a destination step; return its id."""
-        self._data["destinations"][step] = {"type": type, "inputs": list(inputs),
-                                            "config": config}
+        self._data["destinations"][step] = {
+            "type": type,
+            "inputs": list(inputs),
+            "config": config,
+        }
         return step
 
     def execution(self, **settings: Any) -> Pipeline:
@@ -116,8 +148,10 @@ class Pipeline:
 
     def build(self) -> PipelinePlan:
         """Validate the pipeline. Raises PipelineValidationError."""
-        return validate(LoadedFile(self._data, f"<pipeline {self._data['id']}>"),
-                        registry=self._registry)
+        return validate(
+            LoadedFile(self._data, f"<pipeline {self._data['id']}>"),
+            registry=self._registry,
+        )
 
     def run(self, *, on_progress: ProgressCallback | None = None) -> RunSummary:
         return PipelineRun(self.build()).run(on_progress=on_progress)

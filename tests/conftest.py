@@ -23,7 +23,11 @@ class RecordingContext:
         self.counters: dict[str, int] = {}
 
     def reject(self, records: Any, reasons: Any, positions: Any = None) -> None:
-        rows = records.to_pylist() if isinstance(records, pa.RecordBatch) else list(records)
+        rows = (
+            records.to_pylist()
+            if isinstance(records, pa.RecordBatch)
+            else list(records)
+        )
         if isinstance(reasons, str):
             reasons = [reasons] * len(rows)
         for i, row in enumerate(rows):

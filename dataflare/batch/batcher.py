@@ -21,7 +21,9 @@ class AdaptiveBatcher:
         self._rows = 0
         self._oldest = 0.0
 
-    def add(self, batch: pa.RecordBatch, *, downstream_idle: bool) -> list[pa.RecordBatch]:
+    def add(
+        self, batch: pa.RecordBatch, *, downstream_idle: bool
+    ) -> list[pa.RecordBatch]:
         """Queue `batch`; return the batches that should be sent now."""
         if batch.num_rows > self.max_rows and not self._pending:
             return _split(batch, self.max_rows)

@@ -32,8 +32,9 @@ from dataflare.plugin.interface import (
 class MemorySourceConfig(PluginConfig):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
-    records: list[dict[str, Any]] | pa.Table | pa.RecordBatch | list[pa.RecordBatch] = Field(
-        description="Rows as dicts, an Arrow table, a batch or a list of batches")
+    records: list[dict[str, Any]] | pa.Table | pa.RecordBatch | list[pa.RecordBatch] = (
+        Field(description="Rows as dicts, an Arrow table, a batch or a list of batches")
+    )
     batch_rows: int = Field(65536, ge=1, description="Rows per emitted batch")
 
 
@@ -50,11 +51,13 @@ class MemorySource(Source[MemorySourceConfig]):
         if isinstance(records, pa.RecordBatch):
             return pa.Table.from_batches([records])
         if records and isinstance(records[0], pa.RecordBatch):
-            return pa.Table.from_batches(records)  # type: ignore[arg-type]
+            return pa.Table.from_batches(records)
         if not records:
-            raise ValueError("records is empty; give at least one record or an "
-                             "empty Arrow table with a schema")
-        return pa.Table.from_pylist(records)  # type: ignore[arg-type]
+            raise ValueError(
+                "records is empty; give at least one record or an "
+                "empty Arrow table with a schema"
+            )
+        return pa.Table.from_pylist(records)
 
     def schema(self) -> pa.Schema:
         return self._table().schema

@@ -137,10 +137,10 @@ class Plugin(ABC, Generic[ConfigT]):
         self.config = config
         self.context = context
 
-    def open(self) -> None:  # noqa: B027 - optional hook
+    def open(self) -> None:
         """Acquire resources (files, connections) before the first batch."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release resources. Called once, also after a failure."""
 
 
@@ -257,7 +257,9 @@ class Transform(Plugin[ConfigT]):
         return None
 
     @abstractmethod
-    def process(self, batch: pa.RecordBatch, input_index: int = 0) -> list[pa.RecordBatch]:
+    def process(
+        self, batch: pa.RecordBatch, input_index: int = 0
+    ) -> list[pa.RecordBatch]:
         """Transform one batch from input `input_index`."""
 
     def on_watermark(self, watermark: int) -> list[pa.RecordBatch]:
@@ -300,7 +302,7 @@ class Sink(Plugin[ConfigT]):
         """Write one batch. Reserved metadata columns are already removed
         unless the sink's config asks to keep them."""
 
-    def flush(self) -> None:  # noqa: B027 - optional hook
+    def flush(self) -> None:
         """Make everything written so far durable."""
 
     def info(self) -> SinkInfo:

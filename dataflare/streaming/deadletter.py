@@ -34,7 +34,11 @@ class DeadLetterWriter:
         reasons: str | Sequence[str],
         positions: Sequence[str | None] | None,
     ) -> int:
-        rows = records.to_pylist() if isinstance(records, pa.RecordBatch) else list(records)
+        rows = (
+            records.to_pylist()
+            if isinstance(records, pa.RecordBatch)
+            else list(records)
+        )
         if isinstance(reasons, str):
             reasons = [reasons] * len(rows)
         now = dt.datetime.now(dt.UTC).isoformat()
@@ -48,7 +52,9 @@ class DeadLetterWriter:
                 "record": row,
                 "rejected_at": now,
             }
-            lines.append(orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS))
+            lines.append(
+                orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS)
+            )
         with self._lock:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

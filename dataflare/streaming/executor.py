@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dataflare.batch.batcher import AdaptiveBatcher
 from dataflare.plugin.interface import (
+    EVENT_TIME,
     RESERVED_COLUMNS,
     Idle,
     Plugin,
@@ -38,7 +40,12 @@ from dataflare.streaming.errors import PipelineRunError, RejectedRecordError
 from dataflare.streaming.messages import Data, End, IdleState, Message, Watermark
 from dataflare.streaming.metrics import LatencyRecorder, StepMetrics
 from dataflare.streaming.plan import PipelinePlan, StepPlan
-from dataflare.streaming.time import MAX_TIME, MIN_TIME, EventTimeExtractor, WatermarkGenerator
+from dataflare.streaming.time import (
+    MAX_TIME,
+    MIN_TIME,
+    EventTimeExtractor,
+    WatermarkGenerator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +76,9 @@ class RunState:
 class StepContext:
     """The `OperatorContext` handed to one plugin instance."""
 
-    def __init__(self, state: RunState, plan: StepPlan, instance: int,
-                 metrics: StepMetrics) -> None:
+    def __init__(
+        self, state: RunState, plan: StepPlan, instance: int, metrics: StepMetrics
+    ) -> None:
         self._state = state
         self._plan = plan
         self._instance = instance
@@ -99,7 +107,11 @@ class StepContext:
         return self._state.stop.is_set()
 
     def reject(self, records: Any, reasons: Any, positions: Any = None) -> None:
-        count = len(records) if not isinstance(records, pa.RecordBatch) else records.num_rows
+        count = (
+            len(records)
+            if not isinstance(records, pa.RecordBatch)
+            else records.num_rows
+        )
         if count == 0:
             return
         if self._state.fail_fast:
@@ -159,7 +171,9 @@ class Outlet:
                 self._put(target.queues[index], Data(target.channel, batch, created_ns))
             else:
                 for index, part in _partition(batch, target.key, width):
-                    self._put(target.queues[index], Data(target.channel, part, created_ns))
+                    self._put(
+                        target.queues[index], Data(target.channel, part, created_ns)
+                    )
 
     def send_watermark(self, watermark: int, created_ns: int) -> None:
         for target in self.targets:
@@ -224,7 +238,8 @@ class Instance(threading.Thread):
         self.plugin: Plugin | None = None  # type: ignore[type-arg]
 
     def build_plugin(self) -> None:
-        self.plugin = self.plan.plugin_cls(self.plan.config, self.context)
+        plugin_cls: Any = self.plan.plugin_cls
+        self.plugin = plugin_cls(self.plan.config, self.context)
 
     def run(self) -> None:
         try:
@@ -234,7 +249,7 @@ class Instance(threading.Thread):
                 self.work()
             finally:
                 self.plugin.close()
-        except BaseException as exc:  # noqa: BLE001 - reported through the run state
+        except BaseException as exc:
             if not isinstance(exc, RejectedRecordError):
                 logger.error("step %r failed: %s", self.plan.id, exc, exc_info=exc)
             self.state.fail(self.plan.id, exc)
@@ -270,13 +285,22 @@ class SourceInstance(Instance):
         last_data = time.monotonic()
         idle = False
 
-        for item in source.read():
+        items: Iterable[SourceBatch | Idle] = source.read()
+        if self.plan.replay.sort_by_event_time:
+            assert extractor is not None
+            items = self._sorted(items, extractor, execution.max_batch_rows)
+            extractor = None
+        for item in items:
             if self.state.abort.is_set():
                 return
             now = time.monotonic()
             if isinstance(item, Idle):
                 self._flush(batcher.drain())
-                if idle_seconds is not None and not idle and now - last_data >= idle_seconds:
+                if (
+                    idle_seconds is not None
+                    and not idle
+                    and now - last_data >= idle_seconds
+                ):
                     idle = True
                     self.outlet.send_idle(True)
                 if self.state.stop.is_set():
@@ -286,11 +310,14 @@ class SourceInstance(Instance):
                 idle = False
                 self.outlet.send_idle(False)
             last_data = now
+            if extractor is not None or not self.plan.replay.sort_by_event_time:
+                self.metrics.records_in += item.batch.num_rows
             batch = self._accept(item, extractor)
-            self.metrics.records_in += item.batch.num_rows
             if batch is not None and batch.num_rows:
                 watermark = generator.observe(batch) if generator is not None else None
-                for ready in batcher.add(batch, downstream_idle=self.outlet.backlog() == 0):
+                for ready in batcher.add(
+                    batch, downstream_idle=self.outlet.backlog() == 0
+                ):
                     self._emit(ready)
                 if watermark is not None:
                     # Records and watermark stay in order: flush before the mark.
@@ -305,8 +332,32 @@ class SourceInstance(Instance):
             self.outlet.send_watermark(MAX_TIME, time.monotonic_ns())
             self.outlet.send_end()
 
-    def _accept(self, item: SourceBatch, extractor: EventTimeExtractor | None
-                ) -> pa.RecordBatch | None:
+    def _sorted(
+        self,
+        items: Iterable[SourceBatch | Idle],
+        extractor: EventTimeExtractor,
+        rows: int,
+    ) -> Iterable[SourceBatch]:
+        """Read everything, then yield it in event-time order (stable)."""
+        batches = []
+        for item in items:
+            if isinstance(item, SourceBatch):
+                self.metrics.records_in += item.batch.num_rows
+                batch = self._accept(item, extractor)
+                if batch is not None and batch.num_rows:
+                    batches.append(batch)
+            if self.state.abort.is_set():
+                return
+        if not batches:
+            return
+        table = pa.Table.from_batches(batches)
+        order = pc.sort_indices(table, sort_keys=[(EVENT_TIME, "ascending")])
+        for batch in table.take(order).combine_chunks().to_batches(max_chunksize=rows):
+            yield SourceBatch(batch)
+
+    def _accept(
+        self, item: SourceBatch, extractor: EventTimeExtractor | None
+    ) -> pa.RecordBatch | None:
         batch = item.batch
         if extractor is None:
             return batch
@@ -315,7 +366,8 @@ class SourceInstance(Instance):
             rows = pa.array(extracted.bad_rows)
             positions = (
                 [item.origin.position(int(i)) for i in extracted.bad_rows]
-                if item.origin is not None else None
+                if item.origin is not None
+                else None
             )
             self.context.reject(batch.take(rows), extracted.reasons, positions)
             keep = np.ones(batch.num_rows, dtype=bool)
@@ -352,7 +404,9 @@ class _ConsumerInstance(Instance):
                 self.metrics.busy_ns += time.perf_counter_ns() - start
                 continue
             if isinstance(message, Watermark):
-                watermarks[message.channel] = max(watermarks[message.channel], message.time)
+                watermarks[message.channel] = max(
+                    watermarks[message.channel], message.time
+                )
                 created = message.created_ns
             elif isinstance(message, IdleState):
                 idle[message.channel] = message.idle
@@ -361,8 +415,9 @@ class _ConsumerInstance(Instance):
                 ended[message.channel] = True
                 watermarks[message.channel] = MAX_TIME
                 created = time.monotonic_ns()
-            active = [w for w, i, e in zip(watermarks, idle, ended, strict=True)
-                      if not i or e]
+            active = [
+                w for w, i, e in zip(watermarks, idle, ended, strict=True) if not i or e
+            ]
             combined = min(active) if active else current
             if combined > current:
                 current = combined
@@ -459,8 +514,9 @@ class Executor:
         self.instances: dict[str, list[Instance]] = {}
         for step in plan.steps.values():
             kind = INSTANCE_TYPES[step.section]
-            self.instances[step.id] = [kind(self.state, step, i)
-                                       for i in range(step.parallelism)]
+            self.instances[step.id] = [
+                kind(self.state, step, i) for i in range(step.parallelism)
+            ]
         self._wire()
 
     def _wire(self) -> None:
@@ -476,27 +532,39 @@ class Executor:
                         outlet = upstream.outlet
                     else:
                         outlet = upstream.context.side_outlets.setdefault(
-                            ref.port, Outlet(self.state))
-                    outlet.targets.append(Target(
-                        queues=[i.inbox for i in downstream],
-                        channel=channel,
-                        key=step.partition_key if step.parallelism > 1 else None,
-                    ))
+                            ref.port, Outlet(self.state)
+                        )
+                    outlet.targets.append(
+                        Target(
+                            queues=[i.inbox for i in downstream],
+                            channel=channel,
+                            key=step.partition_key if step.parallelism > 1 else None,
+                        )
+                    )
 
     def all_instances(self) -> list[Instance]:
         return [i for group in self.instances.values() for i in group]
 
     def sources(self) -> list[Source]:  # type: ignore[type-arg]
-        return [i.plugin for group in self.instances.values() for i in group
-                if isinstance(i.plugin, Source)]
+        return [
+            i.plugin
+            for group in self.instances.values()
+            for i in group
+            if isinstance(i.plugin, Source)
+        ]
 
-    def run(self, on_tick: Callable[[], None] | None = None,
-            tick_seconds: float = 0.25) -> None:
+    def run(
+        self, on_tick: Callable[[], None] | None = None, tick_seconds: float = 0.25
+    ) -> None:
         instances = self.all_instances()
         for instance in instances:
             instance.build_plugin()
-        logger.info("pipeline %r starting: %d steps, %d instances",
-                    self.plan.spec.id, len(self.plan.steps), len(instances))
+        logger.info(
+            "pipeline %r starting: %d steps, %d instances",
+            self.plan.spec.id,
+            len(self.plan.steps),
+            len(instances),
+        )
         for instance in instances:
             instance.start()
         try:

@@ -18,6 +18,7 @@ becomes the integer 15, not the text "15".
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,25 @@ _PARAMETER_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
+class PipelineYamlLoader(yaml.SafeLoader):
+    """YAML loader with YAML 1.2 booleans: only true and false.
+
+    YAML 1.1 also reads yes, no, on and off as booleans, which would turn a
+    key such as `on: carrier` into `True: carrier`.
+    """
+
+
+PipelineYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+PipelineYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
 @dataclass
 class LoadedFile:
     """A parsed pipeline file: the data, where it came from and line numbers."""
@@ -61,8 +81,8 @@ class LoadedFile:
 
 def load_text(text: str, source: str = "<string>") -> LoadedFile:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=PipelineYamlLoader)
+        data = yaml.load(text, Loader=PipelineYamlLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -204,7 +224,7 @@ def _coerce(raw: Any, kind: str) -> Any:
     if not isinstance(raw, str) or kind == "string":
         return raw
     try:
-        parsed = yaml.safe_load(raw)
+        parsed = yaml.load(raw, Loader=PipelineYamlLoader)  # noqa: S506
     except yaml.YAMLError:
         return raw
     return parsed

@@ -32,7 +32,9 @@ class LatencyRecorder:
     """Per-batch end-to-end latency, weighted by rows, over the last batches."""
 
     def __init__(self, keep: int = LATENCY_SAMPLES) -> None:
-        self._samples: collections.deque[tuple[int, int]] = collections.deque(maxlen=keep)
+        self._samples: collections.deque[tuple[int, int]] = collections.deque(
+            maxlen=keep
+        )
 
     def record(self, created_ns: int, rows: int) -> None:
         self._samples.append((time.monotonic_ns() - created_ns, rows))
@@ -89,8 +91,9 @@ class RunSummary:
             return self.tables[step_id]
         except KeyError:
             known = ", ".join(self.tables) or "(none)"
-            raise KeyError(f"no memory destination {step_id!r}; memory "
-                           f"destinations: {known}") from None
+            raise KeyError(
+                f"no memory destination {step_id!r}; memory destinations: {known}"
+            ) from None
 
     @property
     def throughput(self) -> float:

@@ -7,13 +7,19 @@ or machine.
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pyarrow as pa
 
 from dataflare.plugin.interface import Plugin, PluginConfig
-from dataflare.streaming.spec import EventTimeSpec, PipelineSpec, WatermarkSpec
+from dataflare.streaming.spec import (
+    EventTimeSpec,
+    PipelineSpec,
+    ReplaySpec,
+    WatermarkSpec,
+)
 
 Section = Literal["sources", "transformations", "destinations"]
 
@@ -37,12 +43,13 @@ class StepPlan:
     id: str
     section: Section
     type: str
-    plugin_cls: type[Plugin]  # type: ignore[type-arg]
+    plugin_cls: builtins.type[Plugin]  # type: ignore[type-arg]
     config: PluginConfig
     inputs: list[InputRef] = field(default_factory=list)
     parallelism: int = 1
     event_time: EventTimeSpec | None = None
     watermark: WatermarkSpec = field(default_factory=WatermarkSpec)
+    replay: ReplaySpec = field(default_factory=ReplaySpec)
     output_schema: pa.Schema | None = None
     side_schemas: dict[str, pa.Schema] = field(default_factory=dict)
     partition_key: list[str] | None = None

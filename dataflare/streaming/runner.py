@@ -67,8 +67,11 @@ class PipelineRun:
         read = sum(m.records_in for m in metrics if m.section == "sources")
         written = sum(m.records_out for m in metrics if m.section == "destinations")
         rejected = self.executor.state.dead_letter.count
-        sources = [i.plugin for i in self.executor.all_instances()
-                   if isinstance(i.plugin, Source)]
+        sources = [
+            i.plugin
+            for i in self.executor.all_instances()
+            if isinstance(i.plugin, Source)
+        ]
         bounded = all(s.bounded for s in sources)
         progresses = [p for p in (s.progress() for s in sources) if p is not None]
         done = total = None
@@ -77,11 +80,22 @@ class PipelineRun:
             done = sum(p.done for p in progresses)
             total = sum(p.total or 0 for p in progresses)
             unit = progresses[0].unit
-        return ProgressSnapshot(time.monotonic() - self._started, read, written,
-                                rejected, done, total, unit, bounded)
+        return ProgressSnapshot(
+            time.monotonic() - self._started,
+            read,
+            written,
+            rejected,
+            done,
+            total,
+            unit,
+            bounded,
+        )
 
-    def run(self, on_progress: ProgressCallback | None = None,
-            progress_interval: float = 0.25) -> RunSummary:
+    def run(
+        self,
+        on_progress: ProgressCallback | None = None,
+        progress_interval: float = 0.25,
+    ) -> RunSummary:
         self._started = time.monotonic()
         error: PipelineRunError | None = None
         tick = (lambda: on_progress(self.snapshot())) if on_progress else None
@@ -92,9 +106,15 @@ class PipelineRun:
         if on_progress is not None:
             on_progress(self.snapshot())
         summary = self.summary(error)
-        logger.info("pipeline %r %s in %.2f s: %d records read, %d written, %d rejected",
-                    summary.pipeline_id, summary.status, summary.wall_seconds,
-                    summary.records_read, summary.records_written, summary.rejected)
+        logger.info(
+            "pipeline %r %s in %.2f s: %d records read, %d written, %d rejected",
+            summary.pipeline_id,
+            summary.status,
+            summary.wall_seconds,
+            summary.records_read,
+            summary.records_written,
+            summary.rejected,
+        )
         if error is not None:
             error.summary = summary  # type: ignore[attr-defined]
             raise error
@@ -110,14 +130,18 @@ class PipelineRun:
             for m in metrics:
                 for name, value in m.counters.items():
                     counters[name] = counters.get(name, 0) + value
-            steps.append(StepSummary(
-                step=step.id, section=step.section, type=step.type,
-                parallelism=step.parallelism,
-                records_in=sum(m.records_in for m in metrics),
-                records_out=sum(m.records_out for m in metrics),
-                counters=counters,
-                busy_seconds=sum(m.busy_ns for m in metrics) / 1e9,
-            ))
+            steps.append(
+                StepSummary(
+                    step=step.id,
+                    section=step.section,
+                    type=step.type,
+                    parallelism=step.parallelism,
+                    records_in=sum(m.records_in for m in metrics),
+                    records_out=sum(m.records_out for m in metrics),
+                    counters=counters,
+                    busy_seconds=sum(m.busy_ns for m in metrics) / 1e9,
+                )
+            )
         outputs: dict[str, list[str]] = {}
         delivery: dict[str, str] = {}
         tables = {}
@@ -129,19 +153,25 @@ class PipelineRun:
                 if info.table is not None:
                     tables[instance.plan.id] = info.table
         p50, p99 = state.latency.percentiles(0.5, 0.99)
-        status = "failed" if error else ("stopped" if state.stop.is_set() else "completed")
+        status = (
+            "failed" if error else ("stopped" if state.stop.is_set() else "completed")
+        )
         return RunSummary(
             pipeline_id=self.plan.spec.id,
             status=status,
             wall_seconds=wall,
             steps=steps,
             records_read=sum(s.records_in for s in steps if s.section == "sources"),
-            records_written=sum(s.records_out for s in steps if s.section == "destinations"),
+            records_written=sum(
+                s.records_out for s in steps if s.section == "destinations"
+            ),
             rejected=state.dead_letter.count,
             late=sum(s.counters.get("late", 0) for s in steps),
             latency_p50_ms=p50,
             latency_p99_ms=p99,
-            dead_letter_path=str(state.dead_letter.path) if state.dead_letter.count else None,
+            dead_letter_path=str(state.dead_letter.path)
+            if state.dead_letter.count
+            else None,
             outputs=outputs,
             delivery=delivery,
             error=str(error) if error else None,

@@ -110,12 +110,20 @@ class WatermarkSpec(_Model):
     watermark of downstream steps that also read other inputs."""
 
 
+class ReplaySpec(_Model):
+    sort_by_event_time: bool = False
+    """Read the whole bounded input, then emit it in event-time order (ties
+    keep input order). Costs memory for the whole input; for history files
+    whose rows are not in time order."""
+
+
 class SourceSpec(_Model):
     type: str
     mode: Literal["full", "incremental", "cdc"] = "full"
     config: dict[str, Any] = Field(default_factory=dict)
     event_time: EventTimeSpec | None = None
     watermark: WatermarkSpec = Field(default_factory=WatermarkSpec)
+    replay: ReplaySpec = Field(default_factory=ReplaySpec)
     description: str | None = None
 
 

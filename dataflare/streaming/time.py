@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dataflare.plugin.interface import EVENT_TIME, FieldNotFoundError
 from dataflare.streaming.spec import EventTimeSpec, WatermarkSpec
@@ -23,7 +24,7 @@ _UNIX_UNITS = {"unix_s": "s", "unix_ms": "ms", "unix_us": "us"}
 
 
 def micros(delta_seconds: float) -> int:
-    return int(round(delta_seconds * 1_000_000))
+    return round(delta_seconds * 1_000_000)
 
 
 @dataclass
@@ -41,7 +42,9 @@ class EventTimeExtractor:
         self.fields = list(schema.names)
         if spec.field is not None:
             if spec.field not in self.fields:
-                raise FieldNotFoundError(spec.field, self.fields, where="event_time.field")
+                raise FieldNotFoundError(
+                    spec.field, self.fields, where="event_time.field"
+                )
             self._source = pl.col(spec.field)
             self._described = f"field {spec.field!r}"
         else:
@@ -52,8 +55,11 @@ class EventTimeExtractor:
                 raise ValueError(f"invalid event_time.expression: {exc}") from exc
             for name in self._source.meta.root_names():
                 if name not in self.fields:
-                    raise FieldNotFoundError(name, self.fields, where="event_time.expression")
+                    raise FieldNotFoundError(
+                        name, self.fields, where="event_time.expression"
+                    )
             self._described = f"expression {spec.expression!r}"
+        self._parse_iso = False
         self._expr = self._converted(schema)
 
     def _converted(self, schema: pa.Schema) -> pl.Expr:
@@ -70,9 +76,11 @@ class EventTimeExtractor:
                 expr = expr.dt.replace_time_zone(self.spec.timezone)
             return expr.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
         if dtype == pl.Date:
-            return expr.cast(pl.Datetime("us")).dt.replace_time_zone(
-                self.spec.timezone
-            ).dt.convert_time_zone("UTC")
+            return (
+                expr.cast(pl.Datetime("us"))
+                .dt.replace_time_zone(self.spec.timezone)
+                .dt.convert_time_zone("UTC")
+            )
         if dtype.is_numeric():
             unit = _UNIX_UNITS.get(fmt or "unix_s")
             if unit is None:
@@ -81,15 +89,19 @@ class EventTimeExtractor:
                     f"unix_s, unix_ms or unix_us, not {fmt!r}"
                 )
             scale = {"s": 1_000_000, "ms": 1_000, "us": 1}[unit]
-            return (expr.cast(pl.Float64) * scale).cast(pl.Int64, strict=False).cast(
-                pl.Datetime("us", "UTC")
+            return (
+                (expr.cast(pl.Float64) * scale)
+                .cast(pl.Int64, strict=False)
+                .cast(pl.Datetime("us", "UTC"))
             )
         if dtype == pl.String:
+            # The zone of parsed strings depends on the data (an offset or
+            # not), so `apply` normalises it per batch.
             if fmt is None or fmt == "iso8601":
-                parsed = expr.str.to_datetime(time_unit="us", strict=False)
-            else:
-                parsed = expr.str.to_datetime(fmt, time_unit="us", strict=False)
-            return _to_utc(parsed, self.spec.timezone)
+                # Polars parses strings with zone offsets only eagerly.
+                self._parse_iso = True
+                return expr
+            return expr.str.to_datetime(fmt, time_unit="us", strict=False)
         raise ValueError(
             f"event_time {self._described} has type {dtype}; it must be a timestamp, "
             "a date, a number of seconds or a string"
@@ -108,8 +120,14 @@ class EventTimeExtractor:
         except pl.exceptions.PolarsError:
             # A value the vectorised parse rejects outright: retry row by row
             # with nulls for the failures.
-            times = pl.Series(EVENT_TIME, [self._one(df, i) for i in range(df.height)],
-                              dtype=pl.Datetime("us", "UTC"))
+            times = pl.Series(
+                EVENT_TIME,
+                [self._one(df, i) for i in range(df.height)],
+                dtype=pl.Datetime("us", "UTC"),
+            )
+        if self._parse_iso:
+            times = times.str.to_datetime(time_unit="us", strict=False)
+        times = _normalise(times, self.spec.timezone)
         arrow_times = times.to_arrow().cast(EVENT_TIME_TYPE)
         if EVENT_TIME in batch.schema.names:
             batch = batch.drop_columns([EVENT_TIME])
@@ -129,20 +147,24 @@ class EventTimeExtractor:
         if self.spec.field is not None:
             value = df[self.spec.field][row]
             if value is None:
-                return f"missing event time: field {self.spec.field!r} is empty or absent"
+                return (
+                    f"missing event time: field {self.spec.field!r} is empty or absent"
+                )
             fmt = self.spec.format or "ISO 8601"
-            return (f"invalid event time: field {self.spec.field!r} value {value!r} "
-                    f"does not match format {fmt!r}")
+            return (
+                f"invalid event time: field {self.spec.field!r} value {value!r} "
+                f"does not match format {fmt!r}"
+            )
         return f"missing event time: expression {self.spec.expression!r} gave no value"
 
 
-def _to_utc(expr: pl.Expr, timezone: str) -> pl.Expr:
-    # Strings with an offset parse as UTC-aware; those without get `timezone`.
-    return expr.dt.replace_time_zone(None).dt.replace_time_zone(
-        timezone
-    ).dt.convert_time_zone("UTC") if timezone != "UTC" else expr.dt.replace_time_zone(
-        None
-    ).dt.replace_time_zone("UTC")
+def _normalise(times: pl.Series, timezone: str) -> pl.Series:
+    dtype = times.dtype
+    if isinstance(dtype, pl.Datetime):
+        if dtype.time_zone is None:
+            times = times.dt.replace_time_zone(timezone)
+        return times.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+    return times.cast(pl.Datetime("us", "UTC"), strict=False)
 
 
 class WatermarkGenerator:
@@ -158,7 +180,7 @@ class WatermarkGenerator:
         column = batch.column(EVENT_TIME)
         if column.null_count == len(column):
             return None
-        newest = pa.compute.max(column.cast(pa.int64())).as_py()
+        newest: int | None = pc.max(column.cast(pa.int64())).as_py()
         if newest is None or newest <= self.max_seen:
             return None
         self.max_seen = newest

@@ -267,6 +267,7 @@ def _build_steps(
         if isinstance(step, SourceSpec):
             plan.event_time = step.event_time
             plan.watermark = step.watermark
+            plan.replay = step.replay
         else:
             plan.inputs = [InputRef.parse(text) for text in step.inputs]
             default = spec.execution.parallelism if section == "transformations" else 1
@@ -293,7 +294,8 @@ def _check_fields(steps: dict[str, StepPlan], issues: list[ValidationIssue]) -> 
         if any(schema is None for schema in inputs):
             schemas[InputRef(step.id)] = None  # upstream already reported
             continue
-        plugin = step.plugin_cls(step.config, _ValidationContext(step.id))
+        plugin_cls: Any = step.plugin_cls
+        plugin = plugin_cls(step.config, _ValidationContext(step.id))
         try:
             _step_schema(step, plugin, [s for s in inputs if s is not None], schemas)
         except FieldNotFoundError as exc:
@@ -315,6 +317,13 @@ def _step_schema(
     schemas: dict[InputRef, pa.Schema | None],
 ) -> None:
     if isinstance(plugin, Source):
+        if step.replay.sort_by_event_time:
+            if step.event_time is None:
+                raise ValueError("replay.sort_by_event_time needs `event_time` on the "
+                                 "source")
+            if not plugin.bounded:
+                raise ValueError("replay.sort_by_event_time works on bounded inputs "
+                                 "only; turn off follow")
         schema = plugin.schema()
         if step.event_time is not None:
             schema = EventTimeExtractor(step.event_time, schema).output_schema(schema)

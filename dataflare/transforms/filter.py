@@ -17,22 +17,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
-from dataflare.plugin.interface import PluginConfig, PluginKind, PluginMetadata, Transform
+from dataflare.plugin.interface import (
+    PluginConfig,
+    PluginKind,
+    PluginMetadata,
+    Transform,
+)
 from dataflare.transforms.expressions import parse_expression, to_polars
 
 
 class FilterConfig(PluginConfig):
-    condition: str = Field(min_length=1, description="SQL condition, e.g. 'dep_delay > 15'")
+    condition: str = Field(
+        min_length=1, description="SQL condition, e.g. 'dep_delay > 15'"
+    )
 
 
 class FilterTransform(Transform[FilterConfig]):
     """Keep records matching a SQL condition."""
 
-    metadata = PluginMetadata("filter", PluginKind.FILTER, "Keep records matching a "
-                              "SQL condition")
+    metadata = PluginMetadata(
+        "filter", PluginKind.FILTER, "Keep records matching a SQL condition"
+    )
     Config = FilterConfig
 
     def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
@@ -40,13 +49,18 @@ class FilterTransform(Transform[FilterConfig]):
         return inputs[0]
 
     def open(self) -> None:
-        self._expr = None
+        self._expr: pl.Expr | None = None
 
-    def process(self, batch: pa.RecordBatch, input_index: int = 0) -> list[pa.RecordBatch]:
+    def process(
+        self, batch: pa.RecordBatch, input_index: int = 0
+    ) -> list[pa.RecordBatch]:
         if self._expr is None:
-            self._expr = parse_expression(self.config.condition, batch.schema.names,
-                                          where="condition")
-        mask = to_polars(batch).select(self._expr.fill_null(False)).to_series()
+            self._expr = parse_expression(
+                self.config.condition, batch.schema.names, where="condition"
+            )
+        expr = self._expr
+        assert expr is not None
+        mask = to_polars(batch).select(expr.fill_null(False)).to_series()
         kept = batch.filter(mask.to_arrow())
         self.context.count("filtered", batch.num_rows - kept.num_rows)
         return [kept] if kept.num_rows else []

@@ -162,7 +162,6 @@ def _convert(column: pl.Series, target: Any) -> pl.Series:
             return parsed.dt.convert_time_zone("UTC")
         if target == pl.Date:
             return text.str.to_date(strict=False)
-        if target.is_integer():
         return text.cast(target, strict=False)
     return column.cast(target, strict=False)
 

@@ -1,0 +1,221 @@
+"""The `dataflare` command.
+
+Exit codes: 0 success; 1 the run failed; 2 the pipeline file or the command
+line is invalid; 130 a bounded run was interrupted before its input ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from dataflare.cli.logs import configure_logging
+from dataflare.cli.render import ProgressDisplay, print_summary, print_validation_error
+from dataflare.streaming.errors import PipelineRunError, PipelineValidationError
+
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130
+
+logger = logging.getLogger("dataflare.cli")
+
+
+def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(
+                f"{item!r} is not NAME=VALUE", param_hint="--param"
+            )
+        params[name.strip()] = value
+    return params
+
+
+_param_option = click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set a template parameter (repeatable).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dataflare")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log line format on standard error.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="warning",
+    show_default=True,
+    help="Lowest level logged.",
+)
+def cli(log_format: str, log_level: str) -> None:
+    """DataFlare: stream processing on Arrow batches, from YAML pipeline files."""
+    configure_logging(log_format, log_level)
+
+
+@cli.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=False, path_type=Path))
+@_param_option
+@click.option(
+    "--fail-fast",
+    is_flag=True,
+    help="Stop at the first bad record instead of writing it to the dead-letter file.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar (default: when standard error is a terminal).",
+)
+@click.option(
+    "--summary-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the run summary as JSON to this file.",
+)
+def run(
+    pipeline_file: Path,
+    params: tuple[str, ...],
+    fail_fast: bool,
+    progress: bool | None,
+    summary_json: Path | None,
+) -> None:
+    """Run a pipeline file until its inputs end, or until SIGINT or SIGTERM.
+
+    \b
+    Examples:
+      dataflare run examples/flights-delays.yaml
+      dataflare run examples/flights-delays.yaml -p out_dir=/tmp/out --fail-fast
+    """
+    from dataflare.streaming.runner import PipelineRun, stop_on_signals
+
+    plan = _load_or_exit(pipeline_file, _parse_params(params))
+    if fail_fast:
+        plan.spec.errors.policy = "fail"
+    show = sys.stderr.isatty() if progress is None else progress
+    pipeline_run = PipelineRun(plan)
+    display = ProgressDisplay(enabled=show)
+    error: PipelineRunError | None = None
+    with stop_on_signals(pipeline_run), display:
+        try:
+            summary = pipeline_run.run(on_progress=display.update)
+        except PipelineRunError as exc:
+            error = exc
+            summary = exc.summary  # type: ignore[attr-defined]
+    print_summary(summary)
+    if summary_json is not None:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_bytes(
+            orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2)
+        )
+    if error is not None:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_FAILED)
+    bounded = all(s.bounded for s in pipeline_run.executor.sources())
+    if summary.status == "stopped" and bounded:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+@cli.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=False, path_type=Path))
+@_param_option
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Report format.",
+)
+def validate(pipeline_file: Path, params: tuple[str, ...], output_format: str) -> None:
+    """Check a pipeline file without running it; list every problem found.
+
+    \b
+    Exit code 0 when the file is valid, 2 when it is not.
+    Example:
+      dataflare validate examples/flights-delays.yaml
+    """
+    from dataflare.api import load_pipeline
+
+    try:
+        plan = load_pipeline(pipeline_file, _parse_params(params))
+    except PipelineValidationError as exc:
+        if output_format == "json":
+            click.echo(
+                orjson.dumps(
+                    {
+                        "valid": False,
+                        "file": exc.source,
+                        "problems": [i.as_dict() for i in exc.issues],
+                    },
+                    option=orjson.OPT_INDENT_2,
+                ).decode()
+            )
+        else:
+            print_validation_error(exc)
+        sys.exit(EXIT_INVALID)
+    steps = ", ".join(plan.steps)
+    if output_format == "json":
+        click.echo(
+            orjson.dumps(
+                {"valid": True, "file": str(pipeline_file), "steps": list(plan.steps)}
+            ).decode()
+        )
+    else:
+        click.echo(f"{pipeline_file}: valid ({len(plan.steps)} steps: {steps})")
+
+
+@cli.command()
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file instead of standard output.",
+)
+def schema(output: Path | None) -> None:
+    """Print the JSON Schema of pipeline files, for editors and CI checks.
+
+    \b
+    Example (VS Code with the YAML extension):
+      dataflare schema -o .dataflare.schema.json
+      # then in a pipeline file: # yaml-language-server: $schema=.dataflare.schema.json
+    """
+    from dataflare.streaming.schema import pipeline_json_schema
+
+    text = orjson.dumps(pipeline_json_schema(), option=orjson.OPT_INDENT_2).decode()
+    if output is None:
+        click.echo(text)
+    else:
+        output.write_text(text + "\n", encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+
+
+def _load_or_exit(path: Path, params: dict[str, Any]) -> Any:
+    from dataflare.api import load_pipeline
+
+    try:
+        return load_pipeline(path, params)
+    except PipelineValidationError as exc:
+        print_validation_error(exc)
+        sys.exit(EXIT_INVALID)
+
+
+def main() -> None:
+    cli(prog_name="dataflare")
+
+
+if __name__ == "__main__":
+    main()
