@@ -43,8 +43,15 @@ class FilterTransform(Transform[FilterConfig]):
         "filter", PluginKind.FILTER, "Keep records matching a SQL condition"
     )
     Config = FilterConfig
+    input_count = None  # several inputs with one schema are merged
 
     def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
+        for other in inputs[1:]:
+            if not other.equals(inputs[0]):
+                raise ValueError(
+                    "all inputs of a filter must have the same fields and types; "
+                    f"got {inputs[0].names} and {other.names}"
+                )
         parse_expression(self.config.condition, inputs[0].names, where="condition")
         return inputs[0]
 

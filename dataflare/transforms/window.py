@@ -154,11 +154,18 @@ class WindowTransform(Transform[WindowConfig]):
         "window", PluginKind.WINDOW, "Keyed aggregations over event-time windows"
     )
     Config = WindowConfig
+    input_count = None  # several inputs with one schema are merged
 
     # --- schemas ---
 
     def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
         schema = inputs[0]
+        for other in inputs[1:]:
+            if not other.equals(schema):
+                raise ValueError(
+                    "all inputs of a window must have the same fields and types; "
+                    f"got {schema.names} and {other.names}"
+                )
         if EVENT_TIME not in schema.names:
             raise ValueError(
                 "a window needs event time, but its input records have none; set "

@@ -1,0 +1,274 @@
+"""Event-time windows: boundaries, out-of-order records, lateness, idleness."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from dataflare import Pipeline, PipelineValidationError
+from dataflare.streaming.runner import PipelineRun
+
+T0 = datetime(2024, 3, 1, tzinfo=UTC)
+
+
+def at(minutes: float) -> str:
+    return (T0 + timedelta(minutes=minutes)).isoformat()
+
+
+def window_pipeline(
+    records: list[dict[str, Any]],
+    tmp_path: Path,
+    *,
+    bound: str = "0s",
+    late_reader: bool = False,
+    **window: Any,
+) -> Pipeline:
+    p = Pipeline("windows")
+    # One record per batch, so that the watermark advances after each record.
+    src = p.source(
+        "events",
+        "memory",
+        records=records,
+        batch_rows=1,
+        event_time={"field": "t"},
+        watermark={"max_out_of_orderness": bound},
+    )
+    config = {"size": "1h", "aggregations": {"n": {"fn": "count"}}} | window
+    hourly = p.transform("hourly", "window", [src], **config)
+    p.destination("out", "memory", [hourly])
+    if late_reader:
+        p.destination("late", "memory", ["hourly.late"])
+    p.errors(dead_letter={"path": str(tmp_path / "dead.jsonl")})
+    return p
+
+
+def rows(table: pa.Table) -> list[dict[str, Any]]:
+    return table.to_pylist()
+
+
+def test_record_on_window_end_goes_to_next(tmp_path: Path) -> None:
+    records = [{"t": at(0)}, {"t": at(59.99)}, {"t": at(60)}]
+
+    summary = window_pipeline(records, tmp_path).run()
+
+    out = rows(summary.output("out"))
+    assert [r["n"] for r in out] == [2, 1]
+    assert out[1]["window_start"] == T0 + timedelta(hours=1)
+    assert out[0]["window_end"] == T0 + timedelta(hours=1)
+
+
+def test_out_of_order_within_bound_counts(tmp_path: Path) -> None:
+    records = [{"t": at(55)}, {"t": at(62)}, {"t": at(58)}]
+
+    summary = window_pipeline(records, tmp_path, bound="10m").run()
+
+    assert [r["n"] for r in rows(summary.output("out"))] == [2, 1]
+    assert summary.late == 0
+
+
+def test_late_record_goes_to_side_output(tmp_path: Path) -> None:
+    records = [{"t": at(10), "id": 1}, {"t": at(65), "id": 2}, {"t": at(20), "id": 3}]
+
+    summary = window_pipeline(records, tmp_path, late_reader=True).run()
+
+    assert [r["n"] for r in rows(summary.output("out"))] == [1, 1]
+    late = rows(summary.output("late"))
+    assert [r["id"] for r in late] == [3]
+    assert summary.late == 1
+    assert summary.rejected == 0
+
+
+def test_late_record_without_reader_is_dead_lettered(tmp_path: Path) -> None:
+    records = [{"t": at(10), "id": 1}, {"t": at(65), "id": 2}, {"t": at(20), "id": 3}]
+
+    summary = window_pipeline(records, tmp_path).run()
+
+    assert summary.late == 1
+    assert summary.rejected == 1
+    text = (tmp_path / "dead.jsonl").read_text()
+    assert '"id":3' in text
+    assert "late record" in text
+
+
+def test_allowed_lateness_keeps_record(tmp_path: Path) -> None:
+    records = [
+        {"t": at(10)},
+        {"t": at(65)},
+        {"t": at(20)},
+        {"t": at(75)},
+        {"t": at(30)},
+    ]
+
+    summary = window_pipeline(records, tmp_path, allowed_lateness="10m").run()
+
+    # 00:20 arrives at watermark 01:05 < 01:00 + 10m: still counted.
+    # 00:30 arrives at watermark 01:15 >= 01:10: late.
+    assert [r["n"] for r in rows(summary.output("out"))] == [2, 2]
+    assert summary.late == 1
+
+
+def test_empty_input_gives_empty_output(tmp_path: Path) -> None:
+    empty = pa.table({"t": pa.array([], pa.string())})
+
+    summary = window_pipeline(empty, tmp_path).run()  # type: ignore[arg-type]
+
+    out = summary.output("out")
+    assert out.num_rows == 0
+    assert "window_start" in out.schema.names
+
+
+def test_keyed_tumbling_matches_duckdb(tmp_path: Path) -> None:
+    records = [
+        {"t": at(i * 7.3), "k": "abc"[i % 3], "v": (i * 37) % 11} for i in range(200)
+    ]
+    aggregations = {
+        "n": {"fn": "count"},
+        "total": {"fn": "sum", "field": "v"},
+        "low": {"fn": "min", "field": "v"},
+        "high": {"fn": "max", "field": "v"},
+        "avg": {"fn": "mean", "field": "v"},
+        "kinds": {"fn": "count_distinct", "field": "v"},
+        "p90": {"fn": "percentile", "field": "v", "q": 0.9},
+    }
+
+    summary = window_pipeline(
+        records, tmp_path, key_by=["k"], aggregations=aggregations
+    ).run()
+
+    actual = sorted(
+        (
+            r["window_start"],
+            r["k"],
+            r["n"],
+            r["total"],
+            r["low"],
+            r["high"],
+            round(r["avg"], 9),
+            r["kinds"],
+            round(r["p90"], 9),
+        )
+        for r in rows(summary.output("out"))
+    )
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.register("events", pa.Table.from_pylist(records))
+    expected = con.execute(
+        "select time_bucket(interval 1 hour, t::timestamptz) ws, k, count(*), sum(v),"
+        " min(v), max(v), round(avg(v), 9), count(distinct v),"
+        " round(quantile_cont(v, 0.9), 9) from events group by all order by all"
+    ).fetchall()
+    assert [a[1:] for a in actual] == [tuple(e[1:]) for e in expected]
+    assert [a[0] for a in actual] == [e[0] for e in expected]
+
+
+def test_sliding_window_counts(tmp_path: Path) -> None:
+    records = [{"t": at(m)} for m in (5, 20, 35, 50, 65)]
+
+    summary = window_pipeline(records, tmp_path, kind="sliding", slide="30m").run()
+
+    out = {r["window_start"]: r["n"] for r in rows(summary.output("out"))}
+    expected = {}
+    for start in range(-30, 70, 30):
+        count = sum(1 for m in (5, 20, 35, 50, 65) if start <= m < start + 60)
+        if count:
+            expected[T0 + timedelta(minutes=start)] = count
+    assert out == expected
+
+
+def test_session_windows_split_on_gap(tmp_path: Path) -> None:
+    minutes = [0, 10, 25, 60, 61, 200]
+    records = [{"t": at(m), "k": "a"} for m in minutes] + [{"t": at(5), "k": "b"}]
+    records.sort(key=lambda r: r["t"])
+
+    summary = window_pipeline(
+        records, tmp_path, kind="session", gap="30m", key_by=["k"], size=None
+    ).run()
+
+    sessions = [
+        (r["k"], r["window_start"], r["window_end"], r["n"])
+        for r in rows(summary.output("out"))
+    ]
+    gap = timedelta(minutes=30)
+    assert sorted(sessions) == sorted(
+        [
+            ("a", T0, T0 + timedelta(minutes=25) + gap, 3),
+            ("a", T0 + timedelta(minutes=60), T0 + timedelta(minutes=61) + gap, 2),
+            ("a", T0 + timedelta(minutes=200), T0 + timedelta(minutes=200) + gap, 1),
+            ("b", T0 + timedelta(minutes=5), T0 + timedelta(minutes=5) + gap, 1),
+        ]
+    )
+
+
+def test_window_needs_event_time(tmp_path: Path) -> None:
+    p = Pipeline("no-time")
+    src = p.source("events", "memory", records=[{"v": 1}])
+    p.transform("w", "window", [src], size="1h", aggregations={"n": {"fn": "count"}})
+    p.destination("out", "memory", ["w"])
+
+    with pytest.raises(PipelineValidationError) as caught:
+        p.build()
+
+    assert "event_time" in str(caught.value)
+
+
+def test_window_misspelt_key_is_named(tmp_path: Path) -> None:
+    p = window_pipeline([{"t": at(0), "carrier": "AA"}], tmp_path, key_by=["carier"])
+
+    with pytest.raises(PipelineValidationError) as caught:
+        p.build()
+
+    message = str(caught.value)
+    assert "transformations.hourly.config.key_by" in message
+    assert "'carier'" in message
+    assert "carrier" in message
+
+
+def test_idle_source_releases_watermark(tmp_path: Path) -> None:
+    busy = tmp_path / "busy.csv"
+    quiet = tmp_path / "quiet"
+    quiet.mkdir()
+    busy.write_text("t\n" + "".join(f"{at(m)}\n" for m in (0, 30, 70)))
+    p = Pipeline("idle")
+    config = {"follow": True, "poll_interval": "20ms", "schema": {"t": "string"}}
+    a = p.source(
+        "busy",
+        "csv",
+        path=str(busy),
+        event_time={"field": "t"},
+        watermark={"idle_timeout": "100ms"},
+        **config,
+    )
+    b = p.source(
+        "quiet",
+        "csv",
+        path=str(quiet),
+        event_time={"field": "t"},
+        watermark={"idle_timeout": "100ms"},
+        **config,
+    )
+    w = p.transform(
+        "hourly", "window", [a, b], size="1h", aggregations={"n": {"fn": "count"}}
+    )
+    p.destination("out", "memory", [w])
+    p.errors(dead_letter={"path": str(tmp_path / "dead.jsonl")})
+    run = PipelineRun(p.build())
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(summary=run.run()))
+    thread.start()
+
+    deadline = time.monotonic() + 20
+    while run.snapshot().records_written == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    written_while_running = run.snapshot().records_written
+    run.stop()
+    thread.join(timeout=20)
+
+    assert written_while_running == 1  # the first hour closed while running
+    assert [r["n"] for r in result["summary"].output("out").to_pylist()] == [2, 1]
