@@ -25,7 +25,7 @@ from dataflare.streaming.errors import PipelineValidationError
 from dataflare.streaming.metrics import RunSummary
 from dataflare.streaming.runner import ProgressSnapshot
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 class ProgressDisplay:

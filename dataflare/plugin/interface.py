@@ -69,6 +69,18 @@ class PluginConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ConfigError(ValueError):
+    """A config value that is invalid for the data, found before the run.
+
+    `where` is the config key at fault (for example `condition` or
+    `aggregations.mean.field`), so validation reports the exact path.
+    """
+
+    def __init__(self, message: str, *, where: str = "") -> None:
+        self.where = where
+        super().__init__(message)
+
+
 class FieldNotFoundError(ValueError):
     """A configuration names a field that the input does not have."""
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from dataflare.plugin.interface import (
     EVENT_TIME,
+    ConfigError,
     FieldNotFoundError,
     Plugin,
     PluginConfig,
@@ -298,7 +299,7 @@ def _check_fields(steps: dict[str, StepPlan], issues: list[ValidationIssue]) -> 
         plugin = plugin_cls(step.config, _ValidationContext(step.id))
         try:
             _step_schema(step, plugin, [s for s in inputs if s is not None], schemas)
-        except FieldNotFoundError as exc:
+        except (FieldNotFoundError, ConfigError) as exc:
             where = exc.where.split(".")[0] if exc.where else None
             at = (step.section, step.id, where) if where in {"event_time"} else path
             if where and where != "event_time":

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import polars as pl
 import pyarrow as pa
 
-from dataflare.plugin.interface import FieldNotFoundError
+from dataflare.plugin.interface import ConfigError, FieldNotFoundError
 
 
 def parse_expression(text: str, fields: Sequence[str], *, where: str) -> pl.Expr:
@@ -31,6 +31,33 @@ def parse_expression(text: str, fields: Sequence[str], *, where: str) -> pl.Expr
     for name in expr.meta.root_names():
         if name not in fields:
             raise FieldNotFoundError(name, list(fields), where=where)
+    return expr
+
+
+def check_expression(text: str, schema: pa.Schema, *, where: str) -> pl.Expr:
+    """Parse a SQL expression and type-check it against `schema` on no rows.
+
+    Raises:
+        ValueError: invalid SQL, or types that do not fit (comparing a string
+            field with a number, for example).
+        FieldNotFoundError: the expression names a field `schema` lacks.
+    """
+    expr = parse_expression(text, schema.names, where=where)
+    empty = pl.from_arrow(pa.RecordBatch.from_pylist([], schema=schema))
+    assert isinstance(empty, pl.DataFrame)
+    try:
+        empty.select(expr)
+    except pl.exceptions.PolarsError as exc:
+        types = ", ".join(
+            f"{name}: {schema.field(name).type}" for name in expr.meta.root_names()
+        )
+        first_line = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"invalid expression {text!r}: {first_line} (field types: "
+            f"{types}); cast the field first or declare its type in the source's "
+            "schema",
+            where=where,
+        ) from exc
     return expr
 
 

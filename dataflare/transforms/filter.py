@@ -27,7 +27,11 @@ from dataflare.plugin.interface import (
     PluginMetadata,
     Transform,
 )
-from dataflare.transforms.expressions import parse_expression, to_polars
+from dataflare.transforms.expressions import (
+    check_expression,
+    parse_expression,
+    to_polars,
+)
 
 
 class FilterConfig(PluginConfig):
@@ -52,7 +56,7 @@ class FilterTransform(Transform[FilterConfig]):
                     "all inputs of a filter must have the same fields and types; "
                     f"got {inputs[0].names} and {other.names}"
                 )
-        parse_expression(self.config.condition, inputs[0].names, where="condition")
+        check_expression(self.config.condition, inputs[0], where="condition")
         return inputs[0]
 
     def open(self) -> None:

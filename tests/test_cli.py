@@ -1,0 +1,239 @@
+"""The `dataflare` command: exit codes, reports, signals and log formats."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from dataflare.cli.main import cli
+
+GOOD = """
+id: small
+sources:
+  people:
+    type: csv
+    config: {{path: {data}, schema: {{name: string, age: int}}}}
+transformations:
+  adults:
+    type: filter
+    inputs: [people]
+    config: {{condition: "age >= 18"}}
+destinations:
+  out:
+    type: parquet
+    inputs: [adults]
+    config: {{path: {out}}}
+errors:
+  dead_letter: {{path: {dead}}}
+"""
+
+BAD = """
+id: small
+sources:
+  people:
+    type: csv
+    config: {path: people.csv, delimiterr: ";"}
+transformations:
+  adults:
+    type: filtre
+    inputs: [people]
+    config: {condition: "age >= 18"}
+  unused:
+    type: filter
+    inputs: [nowhere]
+    config: {condition: "true"}
+destinations:
+  out:
+    type: parquet
+    inputs: [adults]
+    config: {path: out.parquet}
+"""
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path) -> Path:
+    data = tmp_path / "people.csv"
+    data.write_text("name,age\nana,34\nbo,12\ncy,18\ndee,notanumber\neve,70\n")
+    path = tmp_path / "small.yaml"
+    path.write_text(
+        GOOD.format(
+            data=data, out=tmp_path / "out.parquet", dead=tmp_path / "dead.jsonl"
+        )
+    )
+    return path
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    runner = CliRunner()
+    result = runner.invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_validate_valid_file(pipeline: Path) -> None:
+    code, out, _ = invoke("validate", str(pipeline))
+
+    assert code == 0
+    assert "valid" in out
+
+
+def test_validate_reports_every_problem(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD)
+
+    code, _, err = invoke("validate", str(path))
+
+    assert code == 2
+    assert "sources.people.config.delimiterr: unknown key" in err
+    assert "transformations.adults.type: unknown transformation type" in err
+    assert "known types:" in err
+    assert f"{path}:6:" in err  # the line of the misspelt key
+
+
+def test_validate_json_format(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD)
+
+    code, out, _ = invoke("validate", "--format", "json", str(path))
+
+    report = json.loads(out)
+    assert code == 2
+    assert report["valid"] is False
+    paths = {problem["path"] for problem in report["problems"]}
+    assert "transformations.adults.type" in paths
+
+
+def test_run_writes_output_and_summary(pipeline: Path, tmp_path: Path) -> None:
+    summary_path = tmp_path / "summary.json"
+
+    code, _, err = invoke("run", str(pipeline), "--summary-json", str(summary_path))
+
+    assert code == 0
+    names = pq.read_table(tmp_path / "out.parquet").column("name").to_pylist()
+    assert names == ["ana", "cy", "eve"]
+    summary = json.loads(summary_path.read_text())
+    assert summary["records_read"] == 4
+    assert summary["rejected"] == 1
+    assert summary["status"] == "completed"
+    assert "1 rejected records" in err
+    dead = json.loads((tmp_path / "dead.jsonl").read_text())
+    assert dead["record"] == {"name": "dee", "age": "notanumber"}
+    assert "people.csv record 4 (line 5)" in dead["position"]
+
+
+def test_run_fail_fast_exits_1(pipeline: Path) -> None:
+    code, _, err = invoke("run", str(pipeline), "--fail-fast")
+
+    assert code == 1
+    assert "notanumber" in err
+    assert "record 4" in err
+
+
+def test_validate_catches_type_mismatch(tmp_path: Path) -> None:
+    data = tmp_path / "people.csv"
+    data.write_text("name,age\nana,34\ndee,notanumber\n")
+    path = tmp_path / "small.yaml"
+    text = GOOD.format(data=data, out=tmp_path / "o.parquet", dead=tmp_path / "d.jsonl")
+    path.write_text(text.replace(", schema: {name: string, age: int}", ""))
+
+    code, _, err = invoke("validate", str(path))
+
+    assert code == 2
+    assert "transformations.adults.config.condition" in err
+    assert "age: string" in err
+
+
+def test_run_invalid_file_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD)
+
+    code, _, _ = invoke("run", str(path))
+
+    assert code == 2
+
+
+def test_run_missing_file_exits_2(tmp_path: Path) -> None:
+    code, _, err = invoke("run", str(tmp_path / "nope.yaml"))
+
+    assert code == 2
+    assert "not found" in err
+
+
+def test_bad_param_syntax_exits_2(pipeline: Path) -> None:
+    code, _, _ = invoke("run", str(pipeline), "-p", "novalue")
+
+    assert code == 2
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["validate"], ["schema"]])
+def test_help_on_every_command(command: list[str]) -> None:
+    code, out, _ = invoke(*command, "--help")
+
+    assert code == 0
+    assert "Usage:" in out
+
+
+def test_json_logs(pipeline: Path) -> None:
+    code, _, err = invoke(
+        "--log-format", "json", "--log-level", "info", "run", str(pipeline)
+    )
+
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert code == 0
+    assert any("starting" in line["message"] for line in lines)
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_unbounded_run_cleanly(tmp_path: Path, signum: int) -> None:
+    data = tmp_path / "events.csv"
+    data.write_text("id,v\n1,10\n2,20\n")
+    path = tmp_path / "follow.yaml"
+    path.write_text(f"""
+id: follow
+sources:
+  events: {{type: csv, config: {{path: {data}, follow: true, poll_interval: 50ms}}}}
+destinations:
+  out: {{type: csv, inputs: [events], config: {{path: {tmp_path / "out.csv"}}}}}
+""")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dataflare.cli.main",
+            "--log-level",
+            "info",
+            "run",
+            str(path),
+            "--no-progress",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    time.sleep(1.5)
+    with data.open("a") as f:
+        f.write("3,30\n")
+    time.sleep(0.5)
+
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=30)
+
+    assert process.returncode == 0, err
+    assert "stopped" in err
+    assert (tmp_path / "out.csv").read_text().splitlines() == [
+        '"id","v"',
+        "1,10",
+        "2,20",
+        "3,30",
+    ]
