@@ -251,6 +251,10 @@ class Transform(Plugin[ConfigT]):
     def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
         """Return the output schema for these input schemas.
 
+        Validation calls it before the run, and the engine calls it again on
+        each running instance before `open()`, so it may keep what it
+        computes.
+
         Raises:
             FieldNotFoundError: the config names a field the input lacks.
             ValueError: another config problem, with a message that says what.
@@ -276,6 +280,10 @@ class Transform(Plugin[ConfigT]):
 
     def on_watermark(self, watermark: int) -> list[pa.RecordBatch]:
         """React to the event-time clock (microseconds since the epoch, UTC)."""
+        return []
+
+    def on_input_end(self, input_index: int) -> list[pa.RecordBatch]:
+        """React to the end of input `input_index` while other inputs go on."""
         return []
 
     def finish(self) -> list[pa.RecordBatch]:

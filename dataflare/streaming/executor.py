@@ -415,6 +415,14 @@ class _ConsumerInstance(Instance):
                 ended[message.channel] = True
                 watermarks[message.channel] = MAX_TIME
                 created = time.monotonic_ns()
+                index = self.channel_inputs[message.channel]
+                same_input = [
+                    done
+                    for done, i in zip(ended, self.channel_inputs, strict=True)
+                    if i == index
+                ]
+                if all(same_input) and not all(ended):
+                    self.on_input_end(index)
             active = [
                 w for w, i, e in zip(watermarks, idle, ended, strict=True) if not i or e
             ]
@@ -429,6 +437,9 @@ class _ConsumerInstance(Instance):
     def on_data(self, message: Data, input_index: int) -> None:
         raise NotImplementedError
 
+    def on_input_end(self, input_index: int) -> None:
+        pass
+
     def on_watermark(self, watermark: int, created_ns: int) -> None:
         raise NotImplementedError
 
@@ -437,6 +448,25 @@ class _ConsumerInstance(Instance):
 
 
 class TransformInstance(_ConsumerInstance):
+    def build_plugin(self) -> None:
+        super().build_plugin()
+        steps = self.state.plan.steps
+        inputs = [
+            steps[ref.step].output_schema
+            if ref.port is None
+            else steps[ref.step].side_schemas.get(ref.port)
+            for ref in self.plan.inputs
+        ]
+        transform = self.plugin
+        assert isinstance(transform, Transform)
+        if all(schema is not None for schema in inputs):
+            transform.output_schema(inputs)
+
+    def on_input_end(self, input_index: int) -> None:
+        transform = self.plugin
+        assert isinstance(transform, Transform)
+        self._emit(transform.on_input_end(input_index), time.monotonic_ns())
+
     def on_data(self, message: Data, input_index: int) -> None:
         transform = self.plugin
         assert isinstance(transform, Transform)

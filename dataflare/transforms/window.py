@@ -100,7 +100,8 @@ class Aggregation(PluginConfig):
         column = pl.col(self.field)
         exprs = {
             "count": column.count().cast(pl.Int64),
-            "sum": column.sum(),
+            # SQL semantics: the sum of no values is null, not 0.
+            "sum": pl.when(column.count() > 0).then(column.sum()),
             "min": column.min(),
             "max": column.max(),
             "mean": column.mean(),
