@@ -244,11 +244,20 @@ class Instance(threading.Thread):
     def run(self) -> None:
         try:
             assert self.plugin is not None
-            self.plugin.open()
+            failed = True
             try:
+                self.plugin.open()
                 self.work()
+                failed = False
             finally:
-                self.plugin.close()
+                try:
+                    self.plugin.close()
+                except Exception:
+                    if not failed:
+                        raise
+                    logger.exception(
+                        "step %r: close failed after an error", self.plan.id
+                    )
         except BaseException as exc:
             if not isinstance(exc, RejectedRecordError):
                 logger.error("step %r failed: %s", self.plan.id, exc, exc_info=exc)
@@ -528,6 +537,13 @@ class SinkInstance(_ConsumerInstance):
 
 # --- the run ---------------------------------------------------------------
 
+
+def _partition_key(instance: Instance, parallelism: int) -> list[str] | None:
+    if parallelism > 1 and isinstance(instance.plugin, Transform):
+        return instance.plugin.partition_key()
+    return None
+
+
 INSTANCE_TYPES: dict[str, type[Instance]] = {
     "sources": SourceInstance,
     "transformations": TransformInstance,
@@ -547,6 +563,8 @@ class Executor:
             self.instances[step.id] = [
                 kind(self.state, step, i) for i in range(step.parallelism)
             ]
+        for instance in self.all_instances():
+            instance.build_plugin()
         self._wire()
 
     def _wire(self) -> None:
@@ -568,7 +586,7 @@ class Executor:
                         Target(
                             queues=[i.inbox for i in downstream],
                             channel=channel,
-                            key=step.partition_key if step.parallelism > 1 else None,
+                            key=_partition_key(downstream[0], step.parallelism),
                         )
                     )
 
@@ -587,8 +605,6 @@ class Executor:
         self, on_tick: Callable[[], None] | None = None, tick_seconds: float = 0.25
     ) -> None:
         instances = self.all_instances()
-        for instance in instances:
-            instance.build_plugin()
         logger.info(
             "pipeline %r starting: %d steps, %d instances",
             self.plan.spec.id,

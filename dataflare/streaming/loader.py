@@ -5,15 +5,19 @@ A template file has two top-level keys::
     parameters:
       input: {type: string, default: data/flights.csv, description: CSV to read}
       threshold: {type: integer, default: 15}
+      mode: {type: string, default: fast, choices: [fast, exact]}
     template:
       id: delays
       sources:
         flights: {type: csv, config: {path: "{{ input }}"}}
       ...
 
-Every string in `template` is rendered with Jinja2. A string that is exactly
-one `{{ expression }}` keeps the expression's type, so `"{{ threshold }}"`
-becomes the integer 15, not the text "15".
+Every string in `template` is rendered with Jinja2 before the pipeline is
+validated. A string that is exactly one `{{ expression }}` keeps the
+expression's type, so `"{{ threshold }}"` becomes the integer 15, not the
+text "15". Any other string renders to text. Parameter types are `string`,
+`integer`, `number`, `boolean`, `list` and `object`. Values given as text
+(on the command line) are converted to the declared type.
 """
 
 from __future__ import annotations
@@ -26,13 +30,12 @@ from typing import Any
 
 import jinja2
 import yaml
-from jinja2.nativetypes import NativeEnvironment
 
 from dataflare.streaming.errors import PipelineValidationError, ValidationIssue
 
 Path_ = tuple[str | int, ...]
 
-_PARAMETER_TYPES: dict[str, type | tuple[type, ...]] = {
+PARAMETER_TYPES: dict[str, type | tuple[type, ...]] = {
     "string": str,
     "integer": int,
     "number": (int, float),
@@ -40,6 +43,10 @@ _PARAMETER_TYPES: dict[str, type | tuple[type, ...]] = {
     "list": list,
     "object": dict,
 }
+PARAMETER_KEYS = ("type", "default", "description", "choices")
+_TRUE_TEXTS = {"true", "yes", "on", "1"}
+_FALSE_TEXTS = {"false", "no", "off", "0"}
+_SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}|\{\{).)*)\}\}\s*$", re.S)
 
 
 class PipelineYamlLoader(yaml.SafeLoader):
@@ -51,7 +58,9 @@ class PipelineYamlLoader(yaml.SafeLoader):
 
 
 PipelineYamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [
+        (tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 PipelineYamlLoader.add_implicit_resolver(
@@ -63,14 +72,19 @@ PipelineYamlLoader.add_implicit_resolver(
 
 @dataclass
 class LoadedFile:
-    """A parsed pipeline file: the data, where it came from and line numbers."""
+    """A parsed pipeline file: the data, where it came from and line numbers.
+
+    `issues` has the problems found while reading that do not stop the
+    validation (duplicate keys); the validation reports them with the rest.
+    """
 
     data: dict[str, Any]
     source: str
     lines: dict[Path_, int] = field(default_factory=dict)
+    issues: list[ValidationIssue] = field(default_factory=list)
 
     def line_of(self, path: Path_) -> int | None:
-        # Walk up to the nearest node that has a line: a missing key's parent.
+        """Return the line of `path`, or of its nearest ancestor in the file."""
         while True:
             if path in self.lines:
                 return self.lines[path]
@@ -80,9 +94,14 @@ class LoadedFile:
 
 
 def load_text(text: str, source: str = "<string>") -> LoadedFile:
+    """Parse pipeline YAML, keeping the line of every key and list item.
+
+    Raises:
+        PipelineValidationError: invalid YAML, or a document that is not a mapping.
+    """
     try:
         node = yaml.compose(text, Loader=PipelineYamlLoader)
-        data = yaml.load(text, Loader=PipelineYamlLoader)  # noqa: S506 - a SafeLoader
+        data = yaml.load(text, Loader=PipelineYamlLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -91,18 +110,25 @@ def load_text(text: str, source: str = "<string>") -> LoadedFile:
             [ValidationIssue((), f"invalid YAML: {problem}", line=line)], source
         ) from exc
     if not isinstance(data, dict):
-        raise PipelineValidationError(
-            [ValidationIssue((), "a pipeline file must be a mapping with id, "
-                             "sources and destinations", value=data)],
-            source,
+        issue = ValidationIssue(
+            (),
+            "a pipeline file must be a mapping with id, sources and destinations",
+            value=data,
+            line=1,
         )
-    lines: dict[Path_, int] = {}
+        raise PipelineValidationError([issue], source)
+    loaded = LoadedFile(data, source)
     if node is not None:
-        _collect_lines(node, (), lines)
-    return LoadedFile(data, source, lines)
+        _collect_lines(node, (), loaded)
+    return loaded
 
 
 def load_file(path: str | Path) -> LoadedFile:
+    """Read and parse a pipeline file (UTF-8, with or without a byte order mark).
+
+    Raises:
+        PipelineValidationError: the file is missing, unreadable or not valid YAML.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -117,123 +143,275 @@ def load_file(path: str | Path) -> LoadedFile:
     return load_text(text, str(path))
 
 
-def _collect_lines(node: yaml.Node, path: Path_, lines: dict[Path_, int]) -> None:
-    lines[path] = node.start_mark.line + 1
+def _collect_lines(node: yaml.Node, path: Path_, loaded: LoadedFile) -> None:
+    loaded.lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
         for key_node, value_node in node.value:
             key = key_node.value
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            _collect_lines(value_node, (*path, key), lines)
-            lines[(*path, key)] = key_node.start_mark.line + 1
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                loaded.issues.append(
+                    ValidationIssue(
+                        (*path, key),
+                        f"duplicate key; it is also on line {seen[key]}, and "
+                        "only the last one is used",
+                        hint="remove or rename one of them",
+                        line=line,
+                    )
+                )
+            seen[key] = line
+            # A key's own line is where an error about its value points.
+            loaded.lines[(*path, key)] = line
+            _collect_lines(value_node, (*path, key), loaded)
+            loaded.lines[(*path, key)] = line
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _collect_lines(item, (*path, index), lines)
+            _collect_lines(item, (*path, index), loaded)
 
 
 # --- templates -------------------------------------------------------------
 
 
 def is_template(data: Mapping[str, Any]) -> bool:
+    """Tell whether a parsed file is a template (has a `template` key)."""
     return "template" in data
 
 
-def render_template(loaded: LoadedFile, params: Mapping[str, str | Any]) -> LoadedFile:
+def render_template(loaded: LoadedFile, params: Mapping[str, Any]) -> LoadedFile:
     """Render a template file with `params`; return the plain pipeline file.
 
-    String values in `params` (as given on the command line) are converted
-    to each parameter's declared type.
+    Text values in `params` (as given on the command line) are converted to
+    each parameter's declared type; other values must have that type.
 
     Raises:
-        PipelineValidationError: unknown, missing or mistyped parameters, or a
-            template expression that fails; every problem is listed.
+        PipelineValidationError: unknown, missing or mistyped parameters, a
+            bad declaration, or a template expression that fails; every
+            problem is listed.
     """
     data = loaded.data
-    issues: list[ValidationIssue] = []
-    declared = data.get("parameters") or {}
+    issues: list[ValidationIssue] = list(loaded.issues)
+    declared = data.get("parameters")
+    if declared is None:
+        declared = {}
     body = data.get("template")
-    extra = set(data) - {"parameters", "template"}
-    for key in sorted(extra):
-        issues.append(ValidationIssue((key,), "unexpected key next to 'template'",
-                                      hint="move it inside 'template'"))
+    for key in sorted(set(data) - {"parameters", "template"}):
+        issues.append(
+            ValidationIssue(
+                (key,),
+                "unexpected key next to 'template'",
+                hint="a template file has only 'parameters' and 'template'; move it "
+                "inside 'template'",
+            )
+        )
     if not isinstance(declared, dict):
-        issues.append(ValidationIssue(("parameters",), "must be a mapping of name to "
-                                      "{type, default, description}", value=declared))
+        issues.append(
+            ValidationIssue(
+                ("parameters",),
+                "must be a mapping of parameter name to {type, default, "
+                "description, choices}",
+                value=declared,
+            )
+        )
         declared = {}
     if not isinstance(body, dict):
-        issues.append(ValidationIssue(("template",), "must be a mapping (the pipeline)",
-                                      value=body))
+        issues.append(
+            ValidationIssue(
+                ("template",), "must be a mapping (the pipeline)", value=body
+            )
+        )
 
-    values = _resolve_parameters(declared, params, issues)
+    values = resolve_parameters(declared, params, issues)
     if issues:
         raise PipelineValidationError(_with_lines(issues, loaded), loaded.source)
 
-    env = NativeEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
     assert isinstance(body, dict)
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
     rendered = _render(body, ("template",), env, values, issues)
     if issues:
         raise PipelineValidationError(_with_lines(issues, loaded), loaded.source)
     lines = {
-        path[1:]: line for path, line in loaded.lines.items()
+        path[1:]: line
+        for path, line in loaded.lines.items()
         if path[:1] == ("template",)
     }
     return LoadedFile(rendered, loaded.source, lines)
 
 
-def _resolve_parameters(
+def resolve_parameters(
     declared: Mapping[str, Any],
     given: Mapping[str, Any],
     issues: list[ValidationIssue],
 ) -> dict[str, Any]:
+    """Return the value of every declared parameter; add problems to `issues`."""
     values: dict[str, Any] = {}
     for name in given:
         if name not in declared:
             known = ", ".join(sorted(declared)) or "(none)"
-            issues.append(ValidationIssue(("parameters", name), "unknown parameter",
-                                          hint=f"declared parameters: {known}"))
-    for name, decl in declared.items():
-        decl = decl if isinstance(decl, dict) else {"default": decl}
-        kind = decl.get("type", "string")
-        if kind not in _PARAMETER_TYPES:
-            issues.append(ValidationIssue(
-                ("parameters", name, "type"), "unknown parameter type", value=kind,
-                hint="use one of: " + ", ".join(_PARAMETER_TYPES)))
+            issues.append(
+                ValidationIssue(
+                    ("parameters",),
+                    f"unknown parameter {name!r}",
+                    value=given[name],
+                    hint=f"declared parameters: {known}",
+                )
+            )
+    for name, declaration in declared.items():
+        path: Path_ = ("parameters", name)
+        if not isinstance(declaration, dict):
+            issues.append(
+                ValidationIssue(
+                    path,
+                    "a parameter is declared as a mapping",
+                    value=declaration,
+                    hint="write {type: string, default: ..., description: ...}",
+                )
+            )
             continue
+        if not _check_declaration(path, declaration, issues):
+            continue
+        kind = declaration.get("type", "string")
         if name in given:
-            value = _coerce(given[name], kind)
-        elif "default" in decl:
-            value = decl["default"]
+            value, problem = coerce_parameter(given[name], kind)
+            where = "given value"
+        elif "default" in declaration:
+            value = _check_type(declaration["default"], kind)
+            problem = _EXPECTED[kind] if value is _INVALID else None
+            where = "default"
+            path = (*path, "default")
         else:
-            issues.append(ValidationIssue(
-                ("parameters", name), "required parameter has no value",
-                hint=f"pass it with --param {name}=VALUE"))
+            issues.append(
+                ValidationIssue(
+                    path,
+                    f"parameter {name!r} is required and has no value",
+                    hint=f"give it a value, e.g. --param {name}=VALUE, or declare "
+                    "a default",
+                )
+            )
             continue
-        expected = _PARAMETER_TYPES[kind]
-        if not isinstance(value, expected) or (kind != "boolean" and isinstance(value, bool)):
-            issues.append(ValidationIssue(("parameters", name), f"expected a {kind}",
-                                          value=value))
+        if problem is not None or value is _INVALID:
+            issues.append(
+                ValidationIssue(
+                    path,
+                    f"parameter {name!r}: the {where} is not a valid {kind}",
+                    value=given.get(name, declaration.get("default")),
+                    hint=problem,
+                )
+            )
             continue
-        choices = decl.get("choices")
+        choices = declaration.get("choices")
         if choices is not None and value not in choices:
-            issues.append(ValidationIssue(("parameters", name), "value not allowed",
-                                          value=value, hint=f"choose one of {choices}"))
+            issues.append(
+                ValidationIssue(
+                    path,
+                    f"parameter {name!r}: value not allowed",
+                    value=value,
+                    hint=f"choose one of: {', '.join(map(str, choices))}",
+                )
+            )
+            continue
         values[name] = value
     return values
 
 
-def _coerce(raw: Any, kind: str) -> Any:
+def _check_declaration(
+    path: Path_, declaration: dict[str, Any], issues: list[ValidationIssue]
+) -> bool:
+    ok = True
+    for key in declaration:
+        if key not in PARAMETER_KEYS:
+            issues.append(
+                ValidationIssue(
+                    (*path, key),
+                    "unknown key in a parameter declaration",
+                    hint=f"known keys: {', '.join(PARAMETER_KEYS)}",
+                )
+            )
+            ok = False
+    kind = declaration.get("type", "string")
+    if kind not in PARAMETER_TYPES:
+        issues.append(
+            ValidationIssue(
+                (*path, "type"),
+                "unknown parameter type",
+                value=kind,
+                hint=f"use one of: {', '.join(PARAMETER_TYPES)}",
+            )
+        )
+        ok = False
+    choices = declaration.get("choices")
+    if choices is not None and not isinstance(choices, list):
+        issues.append(
+            ValidationIssue(
+                (*path, "choices"),
+                "must be a list of allowed values",
+                value=choices,
+            )
+        )
+        ok = False
+    description = declaration.get("description")
+    if description is not None and not isinstance(description, str):
+        issues.append(
+            ValidationIssue((*path, "description"), "must be text", value=description)
+        )
+        ok = False
+    return ok
+
+
+_INVALID = object()
+
+
+def coerce_parameter(raw: Any, kind: str) -> tuple[Any, str | None]:
+    """Convert a parameter value to `kind`; text is parsed as that type.
+
+    Returns:
+        The value and None, or `_INVALID` and a hint saying what is expected.
+    """
     if not isinstance(raw, str) or kind == "string":
-        return raw
+        value = _check_type(raw, kind)
+        return value, None if value is not _INVALID else _EXPECTED[kind]
+    text = raw.strip()
     try:
-        parsed = yaml.load(raw, Loader=PipelineYamlLoader)  # noqa: S506
-    except yaml.YAMLError:
-        return raw
-    return parsed
+        if kind == "integer":
+            return int(text), None
+        if kind == "number":
+            try:
+                return int(text), None
+            except ValueError:
+                return float(text), None
+        if kind == "boolean":
+            lowered = text.lower()
+            if lowered in _TRUE_TEXTS | _FALSE_TEXTS:
+                return lowered in _TRUE_TEXTS, None
+            return _INVALID, _EXPECTED[kind]
+        value = yaml.load(text, Loader=PipelineYamlLoader)  # a SafeLoader
+    except (ValueError, yaml.YAMLError):
+        return _INVALID, _EXPECTED[kind]
+    checked = _check_type(value, kind)
+    return checked, None if checked is not _INVALID else _EXPECTED[kind]
+
+
+_EXPECTED = {
+    "string": "give text",
+    "integer": "give a whole number such as 15",
+    "number": "give a number such as 2.5",
+    "boolean": "give true or false (or yes/no, on/off, 1/0)",
+    "list": "give a list such as [a, b] (YAML or JSON)",
+    "object": "give a mapping such as {a: 1} (YAML or JSON)",
+}
+
+
+def _check_type(value: Any, kind: str) -> Any:
+    expected = PARAMETER_TYPES[kind]
+    if isinstance(value, bool) and kind != "boolean":
+        return _INVALID
+    return value if isinstance(value, expected) else _INVALID
 
 
 def _render(
     node: Any,
     path: Path_,
-    env: NativeEnvironment,
+    env: jinja2.Environment,
     values: Mapping[str, Any],
     issues: list[ValidationIssue],
 ) -> Any:
@@ -241,17 +419,37 @@ def _render(
         return {k: _render(v, (*path, k), env, values, issues) for k, v in node.items()}
     if isinstance(node, list):
         return [_render(v, (*path, i), env, values, issues) for i, v in enumerate(node)]
-    if isinstance(node, str) and ("{{" in node or "{%" in node):
-        try:
-            return env.from_string(node).render(**values)
-        except jinja2.TemplateError as exc:
-            issues.append(ValidationIssue(path, f"template error: {exc}", value=node,
-                                          hint="check the parameter names in {{ }}"))
-    return node
+    if not isinstance(node, str) or ("{{" not in node and "{%" not in node):
+        return node
+    try:
+        single = _SINGLE_EXPRESSION.match(node)
+        if single is not None:
+            # Evaluated, not rendered, so that the value keeps its type.
+            expression = env.compile_expression(
+                single.group("expr"), undefined_to_none=False
+            )
+            result = expression(**values)
+            if isinstance(result, jinja2.Undefined):
+                str(result)  # raises UndefinedError naming the variable
+            return result
+        return env.from_string(node).render(**values)
+    except jinja2.TemplateError as exc:
+        known = ", ".join(sorted(values)) or "(none)"
+        issues.append(
+            ValidationIssue(
+                path,
+                f"template error: {exc}",
+                value=node,
+                hint=f"the parameters are: {known}",
+            )
+        )
+        return node
 
 
-def _with_lines(issues: list[ValidationIssue], loaded: LoadedFile) -> list[ValidationIssue]:
+def _with_lines(
+    issues: list[ValidationIssue], loaded: LoadedFile
+) -> list[ValidationIssue]:
     for issue in issues:
         if issue.line is None:
             issue.line = loaded.line_of(issue.path)
-    return issues
+    return sorted(issues, key=lambda issue: issue.line or 0)

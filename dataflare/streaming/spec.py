@@ -52,8 +52,8 @@ def parse_duration(value: Any) -> Any:
             number, unit = match.groups()
             return timedelta(seconds=float(number) * _UNIT_SECONDS[unit or "s"])
     raise ValueError(
-        f"invalid duration {value!r}; write a number with a unit: us, ms, s, m, h or d "
-        "(for example '30s', '5m', '1h')"
+        "invalid duration: write a number with a unit (us, ms, s, m, h or d), "
+        "for example '30s', '5m' or '1h'"
     )
 
 
@@ -72,6 +72,7 @@ Duration = Annotated[
 ]
 
 STEP_ID = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+MAX_PARALLELISM = 256
 StepId = Annotated[str, Field(pattern=STEP_ID)]
 
 
@@ -131,7 +132,7 @@ class StepSpec(_Model):
     type: str
     inputs: list[str] = Field(min_length=1)
     config: dict[str, Any] = Field(default_factory=dict)
-    parallelism: int | None = Field(default=None, ge=1, le=256)
+    parallelism: int | None = Field(default=None, ge=1, le=MAX_PARALLELISM)
     description: str | None = None
 
     @field_validator("inputs")
@@ -156,7 +157,7 @@ class DestinationSpec(StepSpec):
 
 
 class ExecutionSpec(_Model):
-    parallelism: int = Field(default=1, ge=1, le=256)
+    parallelism: int = Field(default=1, ge=1, le=MAX_PARALLELISM)
     """Default number of parallel instances per transformation."""
     max_batch_rows: int = Field(default=65536, ge=1)
     """Largest batch a source emits."""

@@ -7,69 +7,223 @@ Example::
         type: csv
         config: {path: data/flights.csv, null_values: ["", "NA"]}
 
-The source parses with Arrow's streaming CSV reader, which handles quoted
-fields with line breaks, CRLF line ends, a UTF-8 byte order mark and a
-missing final newline. Every value is read as text first and converted to
-the field's type afterwards, so one bad value rejects one record, not the
-whole block. A row with the wrong number of fields, or a value that does
-not convert, goes to the dead-letter output with its file and record
-number (the first data record is record 1).
+The source reads each file in chunks of about `block_size` bytes that end on
+a record boundary, and parses a chunk with Arrow straight into the field
+types (declared in `schema`, or inferred from the first `infer_rows`
+records). Only when a value in a chunk does not convert is that chunk
+parsed again as raw text, and converted value by value: the records with a
+bad value go to the dead-letter output and the rest go on. A record with the
+wrong number of fields goes there too. Each rejected record is named by file,
+record number (the first data record is record 1) and line number.
+
+Quoted fields with line breaks, CRLF line ends, a UTF-8 byte order mark,
+blank lines, a missing final newline and gzip files (`.csv.gz`) are read.
+With `follow: true`, records appended to the files are read as soon as
+their line is complete, and files that appear later are read too.
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
+import logging
+import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dataflare.connectors.files.base import (
+    FALSE_VALUES,
+    TRUE_VALUES,
     ByteProgress,
     FileSourceConfig,
-    cast_strings,
+    bad_value_reason,
+    convert_text,
+    failed_column,
+    first_record_end,
+    line_starts,
     missing_input_error,
+    record_end,
     resolve_paths,
 )
 from dataflare.connectors.files.sinks import FileSink, FileSinkConfig
 from dataflare.plugin.interface import (
     IDLE,
     Idle,
+    Origin,
     PluginKind,
     PluginMetadata,
     Progress,
-    SequentialOrigin,
     Source,
     SourceBatch,
 )
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_NULLS = ["", "NA", "N/A", "NULL", "null", "NaN", "nan", "None", "#N/A"]
-_EXTENSIONS = (".csv", ".tsv", ".csv.gz", ".txt")
+_EXTENSIONS = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".txt")
+_BOM = b"\xef\xbb\xbf"
+_OFFSET = r"(?:[zZ]|[+-]\d\d(?::?\d\d)?)$"
+_SAMPLE_PIECE = 64 << 10  # bytes read at a time while sampling to infer types
 
 
 class CsvSourceConfig(FileSourceConfig):
     delimiter: str = Field(",", min_length=1, max_length=1)
     quote_char: str = Field('"', min_length=1, max_length=1)
     header: bool = Field(True, description="First line names the fields")
-    columns: list[str] | None = Field(None, description="Field names when header: false")
-    null_values: list[str] = Field(default_factory=lambda: list(DEFAULT_NULLS))
-    block_size: int = Field(4 << 20, ge=1 << 12, description="Bytes parsed per block")
-    infer_rows: int = Field(10_000, ge=1, description="Rows read to infer field types")
+    columns: list[str] | None = Field(
+        None, description="Field names, in file order, when header: false"
+    )
+    null_values: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_NULLS),
+        description="Texts read as null, quoted or not",
+    )
+    block_size: int = Field(
+        4 << 20, ge=1 << 12, description="Bytes read and parsed at a time"
+    )
+    infer_rows: int = Field(
+        10_000, ge=1, description="Records read (at least) to infer field types"
+    )
+
+    @model_validator(mode="after")
+    def _columns_need_no_header(self) -> CsvSourceConfig:
+        if self.columns is not None and self.header:
+            raise ValueError(
+                "`columns` names the fields of a file without a header line; "
+                "set header: false, or remove `columns` to use the header"
+            )
+        return self
+
+
+# --- positions -----------------------------------------------------------------
+
+
+class ChunkOrigin(Origin):
+    """Positions of the rows of a batch parsed from one chunk of a file.
+
+    `slots` maps each batch row to its record within the chunk (records
+    with the wrong number of fields, or a bad value, have a slot but no row).
+    Line numbers are computed on the first request only, since they are
+    needed only for rejected records.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        first_record: int,
+        first_line: int,
+        chunk: bytes,
+        quote: bytes,
+        slots: np.ndarray | None = None,
+    ) -> None:
+        self.name = name
+        self.first_record = first_record
+        self.first_line = first_line
+        self._chunk = chunk
+        self._quote = quote
+        self._slots = slots
+        self._starts: np.ndarray | None = None
+
+    def with_slots(self, slots: np.ndarray) -> ChunkOrigin:
+        """Return the origin of a batch whose rows are these chunk records."""
+        origin = ChunkOrigin(
+            self.name,
+            self.first_record,
+            self.first_line,
+            self._chunk,
+            self._quote,
+            slots,
+        )
+        origin._starts = self._starts
+        return origin
+
+    def slot(self, row: int) -> int:
+        return row if self._slots is None else int(self._slots[row])
+
+    def slot_position(self, slot: int) -> str:
+        """Describe chunk record `slot`: `f.csv record 7 (line 8)`."""
+        text = f"{self.name} record {self.first_record + slot}"
+        if self._starts is None:
+            self._starts = line_starts(self._chunk, self._quote)
+        # NOTE: lines are counted by line feeds; in a file whose lines end
+        # with a lone carriage return, the line is left out.
+        if slot < len(self._starts):
+            text += f" (line {self.first_line + int(self._starts[slot]) - 1})"
+        return text
+
+    def position(self, row: int) -> str:
+        return self.slot_position(self.slot(row))
+
+
+# --- reading state of one file ---------------------------------------------------
+
+
+@dataclass
+class _Cursor:
+    """How far one file has been read."""
+
+    path: Path
+    raw: IO[bytes]
+    stream: IO[bytes]  # `raw`, or a gzip reader over it
+    names: list[str] | None = None  # field names; None until the header is read
+    pending: bytes = b""  # bytes read but not yet parsed: an incomplete record
+    record: int = 1  # number of the next record
+    line: int = 1  # line number of the first byte after `pending`'s start
+    consumed: int = 0  # bytes of the file parsed (compressed bytes for gzip)
+    finished: bool = False  # read to the end for good (gzip files when following)
+
+    @property
+    def compressed(self) -> bool:
+        return self.stream is not self.raw
+
+    def close(self) -> None:
+        self.stream.close()
+        self.raw.close()
+
+
+def _open_cursor(path: Path) -> _Cursor:
+    raw = path.open("rb")
+    if path.name.lower().endswith(".gz"):
+        return _Cursor(path, raw, gzip.GzipFile(fileobj=raw, mode="rb"))  # type: ignore[arg-type]
+    return _Cursor(path, raw, raw)
 
 
 class CsvSource(Source[CsvSourceConfig]):
     """Read CSV files: one file, a glob or a directory; optionally follow them."""
 
-    metadata = PluginMetadata("csv", PluginKind.SOURCE, "CSV files, globs or directories")
+    metadata = PluginMetadata(
+        "csv", PluginKind.SOURCE, "CSV files, globs or directories"
+    )
     Config = CsvSourceConfig
+
+    def __init__(self, config: CsvSourceConfig, context: Any) -> None:
+        super().__init__(config, context)
+        self._quote = config.quote_char.encode()
+        self._schema: pa.Schema | None = None
+        # Timestamp fields whose texts carry no UTC offset, so that Arrow
+        # reads them as zoneless timestamps (taken as UTC). Set by inference
+        # and updated whenever a chunk needs value-by-value conversion.
+        self._zoneless: set[str] = set()
+        self._cursors: list[_Cursor] = []
+        self._progress = ByteProgress([])
 
     def open(self) -> None:
         self._schema = self.schema()
-        self._files = resolve_paths(self.config.path, _EXTENSIONS)
-        self._progress = ByteProgress(self._files)
+        self._progress = ByteProgress(resolve_paths(self.config.path, _EXTENSIONS))
+
+    def close(self) -> None:
+        for cursor in self._cursors:
+            cursor.close()
+        self._cursors = []
 
     @property
     def bounded(self) -> bool:
@@ -87,59 +241,257 @@ class CsvSource(Source[CsvSourceConfig]):
         files = resolve_paths(self.config.path, _EXTENSIONS)
         if not files:
             raise missing_input_error(self.config.path, self.config.follow)
+        header_only: list[str] | None = None
         for path in files:
-            schema = self._infer(path)
-            if schema is not None:
-                return schema
+            names, sample = self._sample(path)
+            if names is not None and sample is not None:
+                return self._infer(path, names, sample)
+            if names is not None and header_only is None:
+                header_only = names
+        if header_only is not None:
+            # Only header lines: the fields are known but not their types.
+            return pa.schema([(name, pa.string()) for name in header_only])
         raise ValueError(
             f"cannot infer field types: every file matching {self.config.path!r} is "
             "empty; set `schema`"
         )
 
-    def _infer(self, path: Path) -> pa.Schema | None:
-        read = self._read_options(block_size=1 << 20)
+    def _sample(self, path: Path) -> tuple[list[str] | None, bytes | None]:
+        """Read the header and at least `infer_rows` records (or all) of `path`."""
+        cursor = _open_cursor(path)
+        parts: list[bytes] = []
+        records = 0
         try:
-            reader = pacsv.open_csv(path, read_options=read,
-                                    parse_options=self._parse_options(lambda row: "skip"),
-                                    convert_options=pacsv.ConvertOptions(
-                                        null_values=self.config.null_values,
-                                        strings_can_be_null=True))
-        except pa.ArrowInvalid as exc:
-            if "Empty CSV file" in str(exc):
-                return None
-            raise ValueError(f"{path}: cannot parse as CSV: {exc}") from exc
-        rows: list[pa.RecordBatch] = []
-        count = 0
-        try:
-            for batch in reader:
-                rows.append(batch)
-                count += batch.num_rows
-                if count >= self.config.infer_rows:
+            while records < self.config.infer_rows:
+                data = cursor.stream.read(_SAMPLE_PIECE)
+                buffer = cursor.pending + data
+                rest = self._take_header(cursor, buffer, final=not data)
+                if rest is None:
+                    cursor.pending = buffer
+                else:
+                    cut = len(rest) if not data else record_end(rest, self._quote)
+                    parts.append(rest[:cut])
+                    cursor.pending = rest[cut:]
+                    records += rest.count(b"\n", 0, cut)
+                if not data:
                     break
-        except pa.ArrowInvalid:
-            pass  # types of later blocks disagree; the first blocks decide
+        finally:
+            cursor.close()
+        sample = b"".join(parts)
+        return cursor.names, sample if sample.strip(b"\r\n") else None
+
+    def _infer(self, path: Path, names: list[str], sample: bytes) -> pa.Schema:
+        try:
+            table = pacsv.read_csv(
+                pa.py_buffer(sample),
+                read_options=pacsv.ReadOptions(
+                    column_names=names, use_threads=False, block_size=len(sample) + 1
+                ),
+                parse_options=self._parse_options(lambda row: "skip"),
+                convert_options=self._convert_options(None, names),
+            )
+        except pa.ArrowInvalid as exc:
+            raise ValueError(
+                f"{path}: cannot parse as CSV: {exc}; check `delimiter` and "
+                "`quote_char`, or set `schema`"
+            ) from exc
         fields = []
-        for field in reader.schema:
-            dtype = field.type
-            if pa.types.is_null(dtype):
+        for column in table.schema:
+            dtype = column.type
+            if pa.types.is_null(dtype) or pa.types.is_binary(dtype):
                 dtype = pa.string()
             elif pa.types.is_timestamp(dtype):
+                if dtype.tz is None:
+                    self._zoneless.add(column.name)
                 dtype = pa.timestamp("us", tz="UTC")
             elif pa.types.is_integer(dtype):
                 dtype = pa.int64()
             elif pa.types.is_floating(dtype):
                 dtype = pa.float64()
-            fields.append(pa.field(field.name, dtype))
+            fields.append(pa.field(column.name, dtype))
         return pa.schema(fields)
 
     # --- reading ---
 
-    def _read_options(self, block_size: int | None = None) -> pacsv.ReadOptions:
-        return pacsv.ReadOptions(
-            block_size=block_size or self.config.block_size,
-            column_names=None if self.config.header else self.config.columns,
-            autogenerate_column_names=not self.config.header and not self.config.columns,
+    def read(self) -> Iterator[SourceBatch | Idle]:
+        if self.config.follow:
+            yield from self._follow()
+            return
+        for path in resolve_paths(self.config.path, _EXTENSIONS):
+            cursor = _open_cursor(path)
+            self._cursors.append(cursor)
+            try:
+                yield from self._read_available(cursor, final=True)
+            finally:
+                self._cursors.remove(cursor)
+                cursor.close()
+            if self.context.stopping:
+                return
+
+    def _follow(self) -> Iterator[SourceBatch | Idle]:
+        """Read all files, then appended records and new files, until stopped."""
+        known: dict[Path, _Cursor] = {}
+        while not self.context.stopping:
+            for path in resolve_paths(self.config.path, _EXTENSIONS):
+                if path not in known:
+                    known[path] = self._add_cursor(path)
+                    logger.info("step %r: reading %s", self.context.step, path)
+            produced = False
+            for cursor in list(known.values()):
+                if cursor.finished:
+                    continue
+                before = cursor.consumed
+                # A gzip file cannot be read before it is complete: read it once.
+                for item in self._read_available(cursor, final=cursor.compressed):
+                    produced = True
+                    yield item
+                    if self.context.stopping:
+                        return
+                cursor.finished = cursor.compressed
+                self._progress.add(cursor.path)
+                if cursor.consumed == before and self._replaced(cursor):
+                    self._cursors.remove(cursor)
+                    cursor.close()
+                    known[cursor.path] = self._add_cursor(cursor.path)
+            if not produced:
+                yield IDLE
+                time.sleep(self.config.poll_interval.total_seconds())
+
+    def _add_cursor(self, path: Path) -> _Cursor:
+        cursor = _open_cursor(path)
+        self._cursors.append(cursor)
+        return cursor
+
+    def _replaced(self, cursor: _Cursor) -> bool:
+        """Tell whether a followed file was truncated or replaced (log rotation)."""
+        try:
+            current = os.stat(cursor.path)
+        except FileNotFoundError:
+            return False
+        opened = os.fstat(cursor.raw.fileno())
+        if current.st_ino != opened.st_ino or current.st_size < cursor.raw.tell():
+            logger.warning(
+                "step %r: %s was truncated or replaced; reading it from the start",
+                self.context.step,
+                cursor.path,
+            )
+            return True
+        return False
+
+    def _read_available(self, cursor: _Cursor, *, final: bool) -> Iterator[SourceBatch]:
+        """Parse the whole records now in `cursor`'s file, or all bytes if `final`."""
+        while True:
+            data = cursor.stream.read(self.config.block_size)
+            last = final and not data
+            buffer = cursor.pending + data
+            had_names = cursor.names is not None
+            rest = self._take_header(cursor, buffer, final=last)
+            if rest is None:
+                cursor.pending = buffer
+            else:
+                if not had_names and cursor.names is not None:
+                    self._check_names(cursor)
+                cut = len(rest) if last else record_end(rest, self._quote)
+                chunk, cursor.pending = rest[:cut], rest[cut:]
+                if chunk:
+                    batch = self._parse(cursor, chunk)
+                    self._count_progress(cursor)
+                    if batch is not None:
+                        yield batch
+                    if self.context.stopping:
+                        return
+            if not data:
+                self._count_progress(cursor)
+                return
+
+    def _count_progress(self, cursor: _Cursor) -> None:
+        consumed = cursor.raw.tell()
+        if not cursor.compressed:
+            consumed -= len(cursor.pending)
+        self._progress.done += consumed - cursor.consumed
+        cursor.consumed = consumed
+
+    # --- header ---
+
+    def _take_header(
+        self, cursor: _Cursor, buffer: bytes, *, final: bool
+    ) -> bytes | None:
+        """Read the field names at the start of a file; return the bytes after them.
+
+        Skips a byte order mark and blank lines before the header. Returns
+        None, and changes nothing, while the header line is incomplete.
+        """
+        if cursor.names is not None:
+            return buffer
+        start = len(_BOM) if buffer.startswith(_BOM) else 0
+        if not final and not start and _BOM.startswith(buffer[: len(_BOM)]):
+            return None  # too short to tell whether a byte order mark starts it
+        body = buffer[start:].lstrip(b"\r\n")
+        if not body:
+            return b"" if final else None
+        skipped_lines = buffer.count(b"\n", 0, len(buffer) - len(body))
+        end = first_record_end(body, self._quote) or (len(body) if final else 0)
+        if end == 0:
+            return None
+        first = self._parse_record(cursor.path, body[:end])
+        if self.config.header:
+            cursor.names = first
+            cursor.line += skipped_lines + body.count(b"\n", 0, end)
+            return body[end:]
+        cursor.names = self._headless_names(len(first))
+        cursor.line += skipped_lines
+        return body
+
+    def _parse_record(self, path: Path, line: bytes) -> list[str]:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{path}: the first line is not UTF-8 text: {exc}"
+            ) from exc
+        rows = list(
+            csv.reader(
+                io.StringIO(text),
+                delimiter=self.config.delimiter,
+                quotechar=self.config.quote_char,
+            )
         )
+        names = rows[0] if rows else []
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates and self.config.header:
+            raise ValueError(
+                f"{path}: the header names these fields more than once: "
+                f"{', '.join(duplicates)}; rename them in the file"
+            )
+        return names
+
+    def _headless_names(self, count: int) -> list[str]:
+        if self.config.columns is not None:
+            return list(self.config.columns)
+        declared = self.config.declared_schema()
+        if declared is not None:
+            return list(declared.names)
+        return [f"f{i}" for i in range(count)]  # the names Arrow gives
+
+    def _check_names(self, cursor: _Cursor) -> None:
+        assert cursor.names is not None and self._schema is not None
+        missing = [n for n in self._schema.names if n not in cursor.names]
+        if missing and len(missing) == len(self._schema.names):
+            raise ValueError(
+                f"{cursor.path}: the file has none of the fields "
+                f"{', '.join(self._schema.names)} (its fields are "
+                f"{', '.join(cursor.names)}); check `delimiter`, or set header: "
+                "false with `columns`"
+            )
+        if missing:
+            logger.warning(
+                "step %r: %s has no field %s; it is read as null",
+                self.context.step,
+                cursor.path,
+                ", ".join(missing),
+            )
+
+    # --- parsing a chunk ---
 
     def _parse_options(self, handler: Any) -> pacsv.ParseOptions:
         return pacsv.ParseOptions(
@@ -149,163 +501,199 @@ class CsvSource(Source[CsvSourceConfig]):
             invalid_row_handler=handler,
         )
 
-    def _convert_options(self) -> pacsv.ConvertOptions:
+    def _read_chunk(
+        self,
+        chunk: bytes,
+        names: list[str],
+        types: dict[str, pa.DataType],
+        invalid: list[tuple[int, str, str]],
+    ) -> pa.Table:
+        def on_invalid(row: Any) -> str:
+            reason = (
+                f"expected {row.expected_columns} fields, found {row.actual_columns}"
+            )
+            invalid.append((row.number, row.text, reason))
+            return "skip"
+
+        invalid.clear()
+        return pacsv.read_csv(
+            pa.py_buffer(chunk),
+            # One thread: Arrow then numbers the invalid rows, and the other
+            # core is free for the steps downstream.
+            read_options=pacsv.ReadOptions(
+                column_names=names, use_threads=False, block_size=len(chunk) + 1
+            ),
+            parse_options=self._parse_options(on_invalid),
+            convert_options=self._convert_options(types, names),
+        )
+
+    def _convert_options(
+        self, types: dict[str, pa.DataType] | None, names: list[str]
+    ) -> pacsv.ConvertOptions:
         return pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in self._schema.names},
+            column_types=types,
+            include_columns=self._schema.names if self._schema is not None else names,
+            include_missing_columns=True,
             null_values=self.config.null_values,
             strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
+            quoted_strings_can_be_null=True,
+            true_values=TRUE_VALUES,
+            false_values=FALSE_VALUES,
         )
 
-    def read(self) -> Iterator[SourceBatch | Idle]:
-        done: set[Path] = set()
-        while True:
-            for path in resolve_paths(self.config.path, _EXTENSIONS):
-                if path in done:
-                    continue
-                done.add(path)
-                if self.config.follow:
-                    yield from self._follow(path)
-                else:
-                    yield from self._read_file(path)
-                if self.context.stopping:
-                    return
-            if not self.config.follow or self.context.stopping:
-                return
-            yield IDLE
-            time.sleep(self.config.poll_interval.total_seconds())
+    def _typed_types(self) -> dict[str, pa.DataType]:
+        assert self._schema is not None
+        types = {}
+        for column in self._schema:
+            dtype = column.type
+            if pa.types.is_timestamp(dtype) and column.name in self._zoneless:
+                dtype = pa.timestamp(dtype.unit)
+            types[column.name] = dtype
+        return types
 
-    def _read_file(self, path: Path) -> Iterator[SourceBatch]:
-        invalid: list[tuple[str, str]] = []
+    def _read_typed(
+        self,
+        origin: ChunkOrigin,
+        chunk: bytes,
+        names: list[str],
+        invalid: list[tuple[int, str, str]],
+    ) -> tuple[pa.Table, set[str]]:
+        """Parse `chunk` into the field types; return the table and its raw fields.
 
-        def on_invalid(row: Any) -> str:
-            invalid.append((row.text, f"expected {row.expected_columns} fields, "
-                                      f"found {row.actual_columns}"))
-            return "skip"
-
-        with path.open("rb") as file:
-            yield from self._read_stream(path, file, on_invalid, invalid)
-
-    def _read_stream(self, path: Path, file: Any, on_invalid: Any,
-                     invalid: list[tuple[str, str]]) -> Iterator[SourceBatch]:
-        try:
-            reader = pacsv.open_csv(file, read_options=self._read_options(),
-                                    parse_options=self._parse_options(on_invalid),
-                                    convert_options=self._convert_options())
-        except pa.ArrowInvalid as exc:
-            if "Empty CSV file" in str(exc):
-                return
-            raise ValueError(f"{path}: cannot parse as CSV: {exc}") from exc
-        self._check_header(path, reader.schema)
-        first = 1
-        size = path.stat().st_size
-        start = self._progress.done
+        A field with a value that does not convert is read again as raw
+        bytes, to be converted value by value. The other fields stay typed.
+        """
+        assert self._schema is not None
+        types = self._typed_types()
+        raw_names: set[str] = set()
         while True:
             try:
-                raw = reader.read_next_batch()
-            except StopIteration:
-                break
+                return self._read_chunk(chunk, names, types, invalid), raw_names
             except pa.ArrowInvalid as exc:
-                raise ValueError(f"{path} near record {first}: cannot parse: {exc}") from exc
-            if invalid:
-                self._reject_invalid(path, first, invalid)
-            batch = self._typed(path, raw, first)
-            first += raw.num_rows
-            self._progress.done = start + min(size, file.tell())
-            yield SourceBatch(batch, SequentialOrigin(str(path), first - raw.num_rows,
-                                                      unit="record"))
-            if self.context.stopping:
-                return
-        if invalid:
-            self._reject_invalid(path, first, invalid)
-        self._progress.done = start + size
+                if "conversion error" not in str(exc):
+                    raise ValueError(
+                        f"cannot parse {origin.slot_position(0)} or a record after "
+                        f"it as CSV: {exc}"
+                    ) from exc
+                column = failed_column(str(exc))
+                name = (
+                    names[column]
+                    if column is not None and column < len(names)
+                    else None
+                )
+                if name is None or name in raw_names or name not in types:
+                    raw_names = set(self._schema.names)  # cannot tell: all raw
+                else:
+                    raw_names.add(name)
+                types = {**types, **dict.fromkeys(raw_names, pa.binary())}
 
-    def _check_header(self, path: Path, schema: pa.Schema) -> None:
-        missing = [n for n in self._schema.names if n not in schema.names]
-        if missing and len(missing) == len(self._schema.names):
-            raise ValueError(
-                f"{path}: header has none of the fields {self._schema.names}; "
-                "check `delimiter`, or set header: false with `columns`"
+    def _parse(self, cursor: _Cursor, chunk: bytes) -> SourceBatch | None:
+        """Parse one chunk of whole records; reject the bad ones; return the rest."""
+        assert cursor.names is not None and self._schema is not None
+        origin = ChunkOrigin(
+            str(cursor.path), cursor.record, cursor.line, chunk, self._quote
+        )
+        invalid: list[tuple[int, str, str]] = []
+        table, raw_names = self._read_typed(origin, chunk, cursor.names, invalid)
+        batch, bad = self._convert(table, raw_names)
+        cursor.record += batch.num_rows + len(invalid)
+        cursor.line += chunk.count(b"\n")
+
+        # Records with the wrong field count have no row in the batch. Arrow
+        # numbers each one by its record slot in the chunk, counted from 1.
+        invalid_slots = np.array(
+            [number - 1 for number, _, _ in invalid], dtype=np.int64
+        )
+        if len(invalid_slots):
+            total = batch.num_rows + len(invalid_slots)
+            row_slots = np.setdiff1d(np.arange(total), invalid_slots)
+        else:
+            row_slots = np.arange(batch.num_rows)
+        rejected: list[tuple[int, Any, str]] = [
+            (int(slot), text, reason)
+            for slot, (_, text, reason) in zip(invalid_slots, invalid, strict=True)
+        ]
+        rejected += [
+            (int(row_slots[row]), record, reason)
+            for row, (record, reason) in bad.items()
+        ]
+        if rejected:
+            rejected.sort(key=lambda item: item[0])
+            self.context.reject(
+                [record for _, record, _ in rejected],
+                [reason for _, _, reason in rejected],
+                [origin.slot_position(slot) for slot, _, _ in rejected],
             )
-
-    def _typed(self, path: Path, raw: pa.RecordBatch, first: int) -> pa.RecordBatch:
-        batch, bad = cast_strings(raw, self._schema)
-        if not bad:
-            return batch
-        rows = [row for row, _ in bad]
-        self.context.reject(
-            raw.take(pa.array(rows)),
-            [reason for _, reason in bad],
-            [f"{path} record {first + row}" for row in rows],
-        )
-        keep = pa.array([True] * batch.num_rows)
-        mask = keep.to_numpy(zero_copy_only=False).copy()
-        mask[rows] = False
-        return batch.filter(pa.array(mask))
-
-    def _reject_invalid(self, path: Path, first: int, invalid: list[tuple[str, str]]) -> None:
-        self.context.reject(
-            [text for text, _ in invalid],
-            [reason for _, reason in invalid],
-            [f"{path} near record {first}"] * len(invalid),
-        )
-        invalid.clear()
-
-    def _follow(self, path: Path) -> Iterator[SourceBatch | Idle]:
-        """Read `path` and then the complete lines appended to it, until stopped."""
-        offset = 0
-        header: list[str] | None = None if self.config.header else self._schema.names
-        record = 1
-        while not self.context.stopping:
-            with path.open("rb") as f:
-                f.seek(offset)
-                chunk = f.read()
-            end = chunk.rfind(b"\n")
-            if end < 0:
-                yield IDLE
-                time.sleep(self.config.poll_interval.total_seconds())
-                continue
-            data = chunk[: end + 1]
-            offset += end + 1
-            if header is None:
-                first_line, _, data = data.partition(b"\n")
-                header = [h.strip().strip(self.config.quote_char)
-                          for h in first_line.decode("utf-8-sig").split(self.config.delimiter)]
-            if data.strip():
-                raw = self._parse_chunk(path, data, header, record)
-                if raw is not None and raw.num_rows:
-                    batch = self._typed(path, raw, record)
-                    record += raw.num_rows
-                    yield SourceBatch(batch, SequentialOrigin(str(path), record - raw.num_rows,
-                                                              unit="record"))
-
-    def _parse_chunk(self, path: Path, data: bytes, header: list[str], record: int
-                     ) -> pa.RecordBatch | None:
-        invalid: list[tuple[str, str]] = []
-
-        def on_invalid(row: Any) -> str:
-            invalid.append((row.text, f"expected {row.expected_columns} fields, "
-                                      f"found {row.actual_columns}"))
-            return "skip"
-
-        table = pacsv.read_csv(
-            pa.py_buffer(data),
-            read_options=pacsv.ReadOptions(column_names=header),
-            parse_options=self._parse_options(on_invalid),
-            convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.string() for name in header},
-                null_values=self.config.null_values, strings_can_be_null=True),
-        )
-        if invalid:
-            self._reject_invalid(path, record, invalid)
-        if table.num_rows == 0:
+        if bad:
+            keep = np.ones(batch.num_rows, dtype=bool)
+            keep[list(bad)] = False
+            batch = batch.filter(pa.array(keep))
+            row_slots = row_slots[keep]
+        if batch.num_rows == 0:
             return None
-        return table.combine_chunks().to_batches()[0]
+        slots = None if len(row_slots) == row_slots[-1] + 1 else row_slots
+        return SourceBatch(
+            batch, origin.with_slots(slots) if slots is not None else origin
+        )
+
+    def _convert(
+        self, table: pa.Table, raw_names: set[str]
+    ) -> tuple[pa.RecordBatch, dict[int, tuple[Any, str]]]:
+        """Build the batch, converting the fields read as raw bytes value by value.
+
+        Returns the typed batch (bad values as null) and, for each row with a
+        bad value, the row (its raw fields as text) and the reason.
+        """
+        assert self._schema is not None
+        columns = []
+        reasons: dict[int, str] = {}
+        for column, target in zip(table.columns, self._schema, strict=True):
+            values = (
+                column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+            )
+            if target.name in raw_names:
+                if pa.types.is_timestamp(target.type):
+                    self._learn_zone(target.name, values)
+                converted, bad = convert_text(values, target.type)
+                texts = values.take(pa.array(bad)).to_pylist()
+                for row, text in zip(bad.tolist(), texts, strict=True):
+                    reasons.setdefault(row, bad_value_reason(target, text))
+                values = converted
+            elif values.type != target.type:
+                values = values.cast(target.type)  # zoneless timestamps, as UTC
+            columns.append(values)
+        batch = pa.RecordBatch.from_arrays(columns, schema=self._schema)
+        if not reasons:
+            return batch, {}
+        bad_rows = sorted(reasons)
+        rows = table.take(pa.array(bad_rows)).to_pylist()
+        records = [{name: _text(value) for name, value in row.items()} for row in rows]
+        return batch, {
+            row: (records[i], reasons[row]) for i, row in enumerate(bad_rows)
+        }
+
+    def _learn_zone(self, name: str, values: pa.Array) -> None:
+        """Read a field as zoneless timestamps if most of its values have no offset."""
+        with_offset = pc.sum(pc.match_substring_regex(values, _OFFSET)).as_py() or 0
+        valid = len(values) - values.null_count
+        if valid - with_offset > with_offset:
+            self._zoneless.add(name)
+        else:
+            self._zoneless.discard(name)
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value
+
+
+# --- sink ------------------------------------------------------------------------
 
 
 class CsvSinkConfig(FileSinkConfig):
     delimiter: str = Field(",", min_length=1, max_length=1)
-    header: bool = True
+    header: bool = Field(True, description="Write a header line with the field names")
 
 
 class CsvSink(FileSink[CsvSinkConfig]):
@@ -315,9 +703,19 @@ class CsvSink(FileSink[CsvSinkConfig]):
     Config = CsvSinkConfig
     extension = ".csv"
 
+    def check_schema(self, schema: pa.Schema) -> None:
+        nested = [f.name for f in schema if pa.types.is_nested(f.type)]
+        if nested:
+            raise ValueError(
+                f"CSV cannot hold the nested field(s) {', '.join(nested)}; flatten "
+                "them first, or write jsonl or parquet"
+            )
+
     def _open_writer(self, path: Path, schema: pa.Schema) -> Any:
         return pacsv.CSVWriter(
-            str(path), schema,
-            write_options=pacsv.WriteOptions(include_header=self.config.header,
-                                             delimiter=self.config.delimiter),
+            str(path),
+            schema,
+            write_options=pacsv.WriteOptions(
+                include_header=self.config.header, delimiter=self.config.delimiter
+            ),
         )

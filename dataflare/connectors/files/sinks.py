@@ -3,12 +3,18 @@
 Without rolling, `path` is the output file. With `roll_bytes` or
 `roll_interval`, `path` is a directory and the sink writes `part-00000.ext`,
 `part-00001.ext`, ... starting a new file when the current one reaches the
-size or the age. A file is written under a `.inprogress` name and renamed
-when complete, so readers never see a half-written file.
+size or the age. A file is written under a `.inprogress` name, synced to
+disk and renamed when complete, so readers never see a half-written file.
+
+When no record arrives, the sink still writes one valid, empty file (a
+header only, for CSV) with the schema of the records it would have
+received. With `overwrite: false`, an existing output is an error, found
+when the sink opens and checked again at the final rename.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from abc import abstractmethod
@@ -21,48 +27,45 @@ from pydantic import Field
 from dataflare.plugin.interface import Sink, SinkConfig, SinkInfo
 from dataflare.streaming.spec import Duration
 
+logger = logging.getLogger(__name__)
+
 IN_PROGRESS = ".inprogress"
+PART_PREFIX = "part-"
 
 
 class FileSinkConfig(SinkConfig):
     path: str = Field(description="Output file; a directory when rolling")
-    roll_bytes: int | None = Field(None, ge=1, description="Start a new file after "
-                                   "this many bytes")
-    roll_interval: Duration | None = Field(None, description="Start a new file after "
-                                           "this long")
-    overwrite: bool = Field(True, description="Replace existing output; if false, "
-                            "an existing output file is an error")
+    roll_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Start a new file once the current one has this many bytes",
+    )
+    roll_interval: Duration | None = Field(
+        None, description="Start a new file once the current one is this old"
+    )
+    overwrite: bool = Field(
+        True,
+        description="Replace existing output; if false, an existing output file "
+        "(or part file, when rolling) is an error",
+    )
 
 
 ConfigT = TypeVar("ConfigT", bound=FileSinkConfig)
 
 
 class FileSink(Sink[ConfigT], Generic[ConfigT]):
+    """Base of file sinks; a format implements `_open_writer`."""
+
     extension: str = ""
 
     @property
     def rolling(self) -> bool:
-        return self.config.roll_bytes is not None or self.config.roll_interval is not None
+        return (
+            self.config.roll_bytes is not None or self.config.roll_interval is not None
+        )
 
-    def open(self) -> None:
-        self._writer: Any = None
-        self._current: Path | None = None
-        self._opened_at = 0.0
-        self._part = 0
-        self._written: list[str] = []
-        self._schema: pa.Schema | None = None
-        target = Path(self.config.path)
-        if self.rolling:
-            target.mkdir(parents=True, exist_ok=True)
-            if self.config.overwrite:
-                for old in target.glob(f"part-*{self.extension}"):
-                    old.unlink()
-        else:
-            if target.exists() and not self.config.overwrite:
-                raise FileExistsError(
-                    f"output file {target} exists and overwrite is false; remove it "
-                    "or set overwrite: true")
-            target.parent.mkdir(parents=True, exist_ok=True)
+    def check_schema(self, schema: pa.Schema) -> None:
+        """Raise ValueError if the format cannot hold records of `schema`."""
 
     @abstractmethod
     def _open_writer(self, path: Path, schema: pa.Schema) -> Any:
@@ -71,53 +74,103 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
     def _write_batch(self, writer: Any, batch: pa.RecordBatch) -> None:
         writer.write(batch)
 
+    def _bytes_written(self, path: Path) -> int:
+        """Return the size of the file being written, for `roll_bytes`.
+
+        The size on disk; a format whose writer buffers (Parquet row groups)
+        may return a better estimate.
+        """
+        return os.path.getsize(path)
+
+    # --- lifecycle ---
+
+    def open(self) -> None:
+        self._writer: Any = None
+        self._current: Path | None = None
+        self._opened_at = 0.0
+        self._part = 0
+        self._written: list[str] = []
+        self._schema: pa.Schema | None = self.input_schema
+        if self._schema is not None:
+            self.check_schema(self._schema)
+        target = Path(self.config.path)
+        if self.rolling:
+            self._prepare_directory(target)
+        else:
+            self._prepare_file(target)
+
+    def _prepare_file(self, target: Path) -> None:
+        if target.is_dir():
+            raise IsADirectoryError(
+                f"output path {target} is a directory; name a file, or set "
+                "roll_bytes or roll_interval to write part files into it"
+            )
+        if target.exists() and not self.config.overwrite:
+            raise FileExistsError(
+                f"output file {target} exists and overwrite is false; remove it "
+                "or set overwrite: true"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _in_progress(target).unlink(missing_ok=True)  # left by a failed run
+
+    def _prepare_directory(self, target: Path) -> None:
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(
+                f"output path {target} is a file, but rolling output (roll_bytes or "
+                "roll_interval) needs a directory; name a directory"
+            )
+        target.mkdir(parents=True, exist_ok=True)
+        parts = sorted(target.glob(f"{PART_PREFIX}*{self.extension}"))
+        if parts and not self.config.overwrite:
+            raise FileExistsError(
+                f"output directory {target} already has part files ({parts[0].name}, "
+                "...) and overwrite is false; remove them or set overwrite: true"
+            )
+        for old in [
+            *parts,
+            *target.glob(f"{PART_PREFIX}*{self.extension}{IN_PROGRESS}"),
+        ]:
+            old.unlink()
+
     def write(self, batch: pa.RecordBatch) -> None:
         if self._schema is None:
+            self.check_schema(batch.schema)
             self._schema = batch.schema
         elif batch.schema != self._schema:
-            batch = batch.cast(self._schema)
+            batch = self._conform(batch)
+        if self._writer is not None and self._too_old():
+            self._finish_file()
         if self._writer is None:
-            self._start_file(batch.schema)
+            self._start_file(self._schema)
         self._write_batch(self._writer, batch)
         if self._should_roll():
             self._finish_file()
 
-    def _start_file(self, schema: pa.Schema) -> None:
-        if self.rolling:
-            final = Path(self.config.path) / f"part-{self._part:05d}{self.extension}"
-            self._part += 1
-        else:
-            final = Path(self.config.path)
-        self._current = final
-        self._writer = self._open_writer(_in_progress(final), schema)
-        self._opened_at = time.monotonic()
-
-    def _should_roll(self) -> bool:
-        if not self.rolling or self._current is None:
-            return False
-        if self.config.roll_bytes is not None:
-            size = os.path.getsize(_in_progress(self._current))
-            if size >= self.config.roll_bytes:
-                return True
-        interval = self.config.roll_interval
-        return interval is not None and (
-            time.monotonic() - self._opened_at >= interval.total_seconds())
-
-    def _finish_file(self) -> None:
-        if self._writer is None or self._current is None:
-            return
-        self._writer.close()
-        os.replace(_in_progress(self._current), self._current)
-        self._written.append(str(self._current))
-        self._writer = None
-        self._current = None
+    def _conform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        assert self._schema is not None
+        if batch.schema.names != self._schema.names:
+            raise ValueError(
+                f"records with fields {batch.schema.names} reached a file sink that "
+                f"writes fields {self._schema.names}; every record of one output "
+                "must have the same fields"
+            )
+        try:
+            return batch.cast(self._schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise ValueError(
+                f"records of schema {batch.schema} cannot be written as "
+                f"{self._schema}: {exc}"
+            ) from exc
 
     def flush(self) -> None:
-        if self._writer is None and not self._written and not self.rolling:
+        if self._writer is None and not self._written:
             # No records arrived: still leave a valid, empty output file.
-            schema = self._schema or self.input_schema
-            if schema is not None:
-                self._start_file(schema)
+            if self._schema is not None:
+                self._start_file(self._schema)
+            else:
+                logger.warning(
+                    "no records and no schema: %s writes no file", self.config.path
+                )
         self._finish_file()
 
     def close(self) -> None:
@@ -126,10 +179,101 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
             self._writer.close()
             _in_progress(self._current).unlink(missing_ok=True)
             self._writer = None
+            self._current = None
 
     def info(self) -> SinkInfo:
         return SinkInfo(paths=list(self._written), delivery="at-least-once")
 
+    # --- files ---
+
+    def _start_file(self, schema: pa.Schema) -> None:
+        if self.rolling:
+            name = f"{PART_PREFIX}{self._part:05d}{self.extension}"
+            final = Path(self.config.path) / name
+            self._part += 1
+        else:
+            final = Path(self.config.path)
+        self._current = final
+        self._writer = self._open_writer(_in_progress(final), schema)
+        self._opened_at = time.monotonic()
+
+    def _too_old(self) -> bool:
+        # NOTE: checked only when a batch arrives, because sinks get no timer
+        # call: an idle stream keeps its file open past `roll_interval`.
+        interval = self.config.roll_interval
+        return interval is not None and (
+            time.monotonic() - self._opened_at >= interval.total_seconds()
+        )
+
+    def _should_roll(self) -> bool:
+        if not self.rolling or self._current is None:
+            return False
+        limit = self.config.roll_bytes
+        if (
+            limit is not None
+            and self._bytes_written(_in_progress(self._current)) >= limit
+        ):
+            return True
+        return self._too_old()
+
+    def _finish_file(self) -> None:
+        if self._writer is None or self._current is None:
+            return
+        self._writer.close()
+        temporary = _in_progress(self._current)
+        _sync(temporary)
+        if self.config.overwrite:
+            os.replace(temporary, self._current)
+        else:
+            _publish_new(temporary, self._current)
+        _sync(self._current.parent)
+        self._written.append(str(self._current))
+        self._writer = None
+        self._current = None
+
+
+def _publish_new(temporary: Path, final: Path) -> None:
+    """Rename `temporary` to `final` unless `final` exists.
+
+    Raises:
+        FileExistsError: `final` exists; `temporary` is removed.
+    """
+    try:
+        # A hard link fails if the target exists, where a rename would replace it.
+        os.link(temporary, final)
+    except FileExistsError:
+        temporary.unlink(missing_ok=True)
+        raise FileExistsError(
+            f"output file {final} appeared while the run wrote it, and overwrite "
+            "is false; the new output was removed"
+        ) from None
+    except OSError:
+        # No hard links on this file system: check, then rename. Another
+        # process could still create `final` in between.
+        if final.exists():
+            temporary.unlink(missing_ok=True)
+            raise FileExistsError(
+                f"output file {final} appeared while the run wrote it, and "
+                "overwrite is false; the new output was removed"
+            ) from None
+        os.replace(temporary, final)
+        return
+    temporary.unlink()
+
 
 def _in_progress(path: Path) -> Path:
     return path.with_name(path.name + IN_PROGRESS)
+
+
+def _sync(path: Path) -> None:
+    """Flush a file, or a directory entry, to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory
+    finally:
+        os.close(fd)

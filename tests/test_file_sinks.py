@@ -1,0 +1,256 @@
+"""File sinks: single files, rolling, atomic renames, empty output, overwrite.
+
+Written files are read back with pandas or pyarrow and compared with the
+records sent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import RecordingContext
+
+from dataflare import api
+from dataflare.connectors.files.csv import CsvSink, CsvSinkConfig
+from dataflare.connectors.files.parquet import ParquetSink, ParquetSinkConfig
+from dataflare.streaming.errors import PipelineRunError
+
+SCHEMA = pa.schema([("id", pa.int64()), ("name", pa.string()), ("score", pa.float64())])
+
+
+def batch(start: int, rows: int) -> pa.RecordBatch:
+    ids = list(range(start, start + rows))
+    return pa.RecordBatch.from_pydict(
+        {"id": ids, "name": [f"n{i}" for i in ids], "score": [i / 4 for i in ids]},
+        schema=SCHEMA,
+    )
+
+
+def csv_sink(path: Path, **config: Any) -> CsvSink:
+    sink = CsvSink(
+        CsvSinkConfig.model_validate({"path": str(path), **config}),
+        RecordingContext("out"),
+    )
+    sink.input_schema = SCHEMA
+    sink.open()
+    return sink
+
+
+def expected_frame(*batches: pa.RecordBatch) -> pd.DataFrame:
+    return pa.Table.from_batches(batches).to_pandas()
+
+
+def test_single_file_written_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "result.csv"
+    sink = csv_sink(path)
+    sink.write(batch(0, 5))
+    assert not path.exists()
+    assert (tmp_path / "out" / "result.csv.inprogress").exists()
+    sink.write(batch(5, 5))
+    sink.flush()
+    sink.close()
+    assert pd.read_csv(path).equals(expected_frame(batch(0, 5), batch(5, 5)))
+    assert list((tmp_path / "out").iterdir()) == [path]
+    assert sink.info().paths == [str(path)]
+
+
+def test_no_records_gives_valid_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.csv"
+    sink = csv_sink(path)
+    sink.flush()
+    sink.close()
+    frame = pd.read_csv(path)
+    assert list(frame.columns) == SCHEMA.names
+    assert len(frame) == 0
+
+
+def test_no_records_parquet_has_schema(tmp_path: Path) -> None:
+    path = tmp_path / "empty.parquet"
+    sink = ParquetSink(ParquetSinkConfig(path=str(path)), RecordingContext("out"))
+    sink.input_schema = SCHEMA
+    sink.open()
+    sink.flush()
+    table = pq.read_table(path)
+    assert table.num_rows == 0
+    assert table.schema.equals(SCHEMA)
+
+
+def test_close_without_flush_leaves_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "failed.csv"
+    sink = csv_sink(path)
+    sink.write(batch(0, 3))
+    sink.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_false_rejects_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "exists.csv"
+    path.write_text("keep me\n")
+    with pytest.raises(FileExistsError, match="exists and overwrite is false"):
+        csv_sink(path, overwrite=False)
+    assert path.read_text() == "keep me\n"
+
+
+def test_overwrite_false_when_file_appears_during_run(tmp_path: Path) -> None:
+    path = tmp_path / "late.csv"
+    sink = csv_sink(path, overwrite=False)
+    sink.write(batch(0, 2))
+    path.write_text("written by someone else\n")
+    with pytest.raises(FileExistsError, match="appeared while the run wrote it"):
+        sink.flush()
+    assert path.read_text() == "written by someone else\n"
+    assert not (tmp_path / "late.csv.inprogress").exists()
+
+
+def test_overwrite_true_replaces_file(tmp_path: Path) -> None:
+    path = tmp_path / "replace.csv"
+    path.write_text("old\n")
+    sink = csv_sink(path)
+    sink.write(batch(0, 2))
+    sink.flush()
+    assert pd.read_csv(path).equals(expected_frame(batch(0, 2)))
+
+
+def test_roll_by_bytes(tmp_path: Path) -> None:
+    directory = tmp_path / "parts"
+    sink = csv_sink(directory, roll_bytes=300)
+    batches = [batch(i * 10, 10) for i in range(10)]
+    for item in batches:
+        sink.write(item)
+    sink.flush()
+    parts = sorted(directory.iterdir())
+    assert [p.name for p in parts] == [f"part-{i:05d}.csv" for i in range(len(parts))]
+    assert len(parts) > 1
+    assert sink.info().paths == [str(p) for p in parts]
+    whole = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)
+    assert whole.equals(expected_frame(*batches))
+    # Each file is rolled once it reaches the size, so only its last batch
+    # may take it past the limit.
+    largest_batch = max(
+        len(pa.Table.from_batches([b]).to_pandas().to_csv()) for b in batches
+    )
+    assert all(p.stat().st_size < 300 + largest_batch for p in parts)
+
+
+def test_roll_by_interval(tmp_path: Path) -> None:
+    directory = tmp_path / "parts"
+    # An interval shorter than any write: every batch ends its file.
+    sink = csv_sink(directory, roll_interval="1us")
+    for index in range(3):
+        sink.write(batch(index * 2, 2))
+    sink.flush()
+    parts = sorted(directory.iterdir())
+    assert len(parts) == 3
+    assert [pd.read_csv(p)["id"].tolist() for p in parts] == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_rolling_with_no_records_writes_one_empty_part(tmp_path: Path) -> None:
+    directory = tmp_path / "parts"
+    sink = csv_sink(directory, roll_bytes=100)
+    sink.flush()
+    assert [p.name for p in directory.iterdir()] == ["part-00000.csv"]
+    assert list(pd.read_csv(directory / "part-00000.csv").columns) == SCHEMA.names
+
+
+def test_rolling_overwrite(tmp_path: Path) -> None:
+    directory = tmp_path / "parts"
+    directory.mkdir()
+    (directory / "part-00007.csv").write_text("old\n")
+    (directory / "part-00008.csv.inprogress").write_text("half\n")
+    (directory / "other.txt").write_text("not a part\n")
+    with pytest.raises(FileExistsError, match="already has part files"):
+        csv_sink(directory, roll_bytes=100, overwrite=False)
+    sink = csv_sink(directory, roll_bytes=10_000)
+    sink.write(batch(0, 3))
+    sink.flush()
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "other.txt",
+        "part-00000.csv",
+    ]
+
+
+def test_rolling_path_that_is_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "file.csv"
+    path.write_text("x\n")
+    with pytest.raises(NotADirectoryError, match="needs a directory"):
+        csv_sink(path, roll_bytes=100)
+
+
+def test_batches_cast_to_first_schema(tmp_path: Path) -> None:
+    path = tmp_path / "cast.csv"
+    sink = csv_sink(path)
+    sink.write(batch(0, 1))
+    narrow = pa.RecordBatch.from_pydict(
+        {
+            "id": pa.array([7], pa.int32()),
+            "name": ["x"],
+            "score": pa.array([1.5], pa.float32()),
+        }
+    )
+    sink.write(narrow)
+    renamed = pa.RecordBatch.from_pydict({"key": [1], "name": ["x"], "score": [1.0]})
+    with pytest.raises(ValueError, match="must have the same fields"):
+        sink.write(renamed)
+    sink.flush()
+    assert pd.read_csv(path)["id"].tolist() == [0, 7]
+
+
+def test_csv_sink_rejects_nested_fields(tmp_path: Path) -> None:
+    sink = CsvSink(CsvSinkConfig(path=str(tmp_path / "x.csv")), RecordingContext())
+    sink.input_schema = pa.schema([("tags", pa.list_(pa.string()))])
+    with pytest.raises(ValueError, match="nested field\\(s\\) tags"):
+        sink.open()
+
+
+def test_csv_round_trip_through_engine(tmp_path: Path) -> None:
+    source_path = tmp_path / "in.csv"
+    frame = pd.DataFrame(
+        {
+            "id": [1, 2, 3],
+            "text": ["plain", 'with "quotes"', "two\nlines"],
+            "when": pd.to_datetime(
+                ["2013-01-01 05:00", "2013-01-02 06:30", None], utc=True
+            ),
+        }
+    )
+    frame.to_csv(source_path, index=False, date_format="%Y-%m-%dT%H:%M:%SZ")
+    out = tmp_path / "out.csv"
+    p = api.Pipeline("round-trip")
+    rows = p.source("rows", "csv", path=str(source_path))
+    p.destination("out", "csv", [rows], path=str(out))
+    summary = p.run()
+    assert summary.records_written == 3
+    back = pd.read_csv(out, parse_dates=["when"])
+    assert back["id"].tolist() == [1, 2, 3]
+    assert back["text"].tolist() == frame["text"].tolist()
+    assert back["when"].dt.tz_convert("UTC").tolist()[:2] == frame["when"].tolist()[:2]
+    assert summary.outputs["out"] == [str(out)]
+
+
+def test_overwrite_false_fails_run_naming_step(tmp_path: Path) -> None:
+    out = tmp_path / "taken.csv"
+    out.write_text("x\n")
+    p = api.Pipeline("taken")
+    rows = p.source("rows", "memory", records=[{"a": 1}])
+    p.destination("write", "csv", [rows], path=str(out), overwrite=False)
+    with pytest.raises(
+        PipelineRunError, match=r"step 'write' failed: output file .* exists"
+    ):
+        p.run()
+    assert out.read_text() == "x\n"
+
+
+def test_filter_removing_all_records_writes_header(tmp_path: Path) -> None:
+    out = tmp_path / "none.csv"
+    p = api.Pipeline("none")
+    rows = p.source("rows", "memory", records=[{"a": 1, "b": "x"}])
+    kept = p.transform("kept", "filter", [rows], condition="a > 5")
+    p.destination("out", "csv", [kept], path=str(out))
+    summary = p.run()
+    assert summary.records_written == 0
+    assert out.read_text() == '"a","b"\n'

@@ -1,0 +1,78 @@
+"""Reading pipeline files: YAML errors, line numbers, duplicate keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dataflare.streaming.errors import PipelineValidationError
+from dataflare.streaming.loader import load_file, load_text
+
+PIPELINE = """\
+id: demo
+sources:
+  rows:
+    type: memory
+    config:
+      records: [{a: 1}]
+destinations:
+  out:
+    type: memory
+    inputs:
+      - rows
+"""
+
+
+def test_lines_of_keys_and_items() -> None:
+    loaded = load_text(PIPELINE)
+    assert loaded.line_of(("id",)) == 1
+    assert loaded.line_of(("sources", "rows", "type")) == 4
+    assert loaded.line_of(("sources", "rows", "config", "records")) == 6
+    assert loaded.line_of(("destinations", "out", "inputs", 0)) == 11
+
+
+def test_missing_key_points_at_parent() -> None:
+    loaded = load_text(PIPELINE)
+    assert loaded.line_of(("destinations", "out", "config", "path")) == 8
+
+
+def test_invalid_yaml_has_line() -> None:
+    with pytest.raises(PipelineValidationError) as caught:
+        load_text("id: x\nsources:\n  a: [1, 2\nb: 3\n", "bad.yaml")
+    [issue] = caught.value.issues
+    assert issue.message.startswith("invalid YAML")
+    assert issue.line == 4
+    assert str(caught.value).startswith("bad.yaml: 1 problem found")
+
+
+def test_document_must_be_mapping() -> None:
+    with pytest.raises(PipelineValidationError, match="must be a mapping"):
+        load_text("- a\n- b\n")
+
+
+def test_duplicate_keys_reported() -> None:
+    text = PIPELINE + "destinations:\n  other: {type: memory, inputs: [rows]}\n"
+    loaded = load_text(text)
+    [issue] = loaded.issues
+    assert issue.path == ("destinations",)
+    assert issue.line == 12
+    assert "also on line 7" in issue.message
+
+
+def test_yes_and_on_stay_text() -> None:
+    loaded = load_text("id: x\nmetadata: {on: yes, off: no, flag: true}\n")
+    assert loaded.data["metadata"] == {"on": "yes", "off": "no", "flag": True}
+
+
+def test_load_file_with_bom(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + PIPELINE.encode())
+    loaded = load_file(path)
+    assert loaded.data["id"] == "demo"
+    assert loaded.source == str(path)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(PipelineValidationError, match="pipeline file not found"):
+        load_file("/nonexistent/pipeline.yaml")
