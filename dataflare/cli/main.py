@@ -86,12 +86,26 @@ def cli(log_format: str, log_level: str) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the run summary as JSON to this file.",
 )
+@click.option(
+    "--from",
+    "resume_from",
+    metavar="CHECKPOINT",
+    help="Resume from this checkpoint or savepoint directory instead of the "
+    "newest checkpoint.",
+)
+@click.option(
+    "--from-scratch",
+    is_flag=True,
+    help="Delete the pipeline's checkpoints and start from the beginning.",
+)
 def run(
     pipeline_file: Path,
     params: tuple[str, ...],
     fail_fast: bool,
     progress: bool | None,
     summary_json: Path | None,
+    resume_from: str | None,
+    from_scratch: bool,
 ) -> None:
     """Run a pipeline file until its inputs end, or until SIGINT or SIGTERM.
 
@@ -106,7 +120,13 @@ def run(
     if fail_fast:
         plan.spec.errors.policy = "fail"
     show = sys.stderr.isatty() if progress is None else progress
-    pipeline_run = PipelineRun(plan)
+    try:
+        pipeline_run = PipelineRun(
+            plan, resume_from=resume_from, from_scratch=from_scratch
+        )
+    except PipelineRunError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
     display = ProgressDisplay(enabled=show)
     error: PipelineRunError | None = None
     with stop_on_signals(pipeline_run), display:
@@ -211,6 +231,16 @@ def _load_or_exit(path: Path, params: dict[str, Any]) -> Any:
     except PipelineValidationError as exc:
         print_validation_error(exc)
         sys.exit(EXIT_INVALID)
+
+
+def _add_subcommands() -> None:
+    from dataflare.cli.checkpoints import checkpoints, savepoint
+
+    cli.add_command(checkpoints)
+    cli.add_command(savepoint)
+
+
+_add_subcommands()
 
 
 def main() -> None:

@@ -62,12 +62,21 @@ class MemorySource(Source[MemorySourceConfig]):
     def schema(self) -> pa.Schema:
         return self._table().schema
 
+    def open(self) -> None:
+        self._emitted = 0
+
+    def snapshot_position(self) -> Any:
+        return {"records": self._emitted}
+
+    def restore_position(self, position: Any) -> None:
+        self._emitted = int(position["records"])
+
     def read(self) -> Iterator[SourceBatch]:
-        table = self._table()
-        first = 1
+        table = self._table().slice(self._emitted)
         for batch in table.to_batches(max_chunksize=self.config.batch_rows):
-            yield SourceBatch(batch, SequentialOrigin("memory", first, unit="record"))
-            first += batch.num_rows
+            origin = SequentialOrigin("memory", self._emitted + 1, unit="record")
+            self._emitted += batch.num_rows
+            yield SourceBatch(batch, origin)
             if self.context.stopping:
                 return
 

@@ -236,12 +236,31 @@ class Source(Plugin[ConfigT]):
     def progress(self) -> Progress | None:
         return None
 
+    def snapshot_position(self) -> Any:
+        """Return where the next `read()` batch starts, as JSON-able data.
+
+        Checkpoints store it right after a batch was emitted. None means the
+        source cannot resume from a position (it then replays from the start).
+        """
+        return None
+
+    def restore_position(self, position: Any) -> None:  # noqa: B027 - optional
+        """Make the next `read()` start at a position from `snapshot_position`.
+
+        Called after `open()` and before `read()` when a run resumes.
+        """
+
 
 # --- transformations -------------------------------------------------------
 
 
 class Transform(Plugin[ConfigT]):
     """Turns input batches into output batches; may keep state."""
+
+    #: True when the transformation keeps state between batches; such a
+    #: transformation must implement `snapshot_state` and `restore_state`
+    #: for checkpoints.
+    stateful: ClassVar[bool] = False
 
     #: Number of inputs the transformation takes (2 for a join, for example).
     #: None means any number of inputs, all with the same schema.
@@ -290,6 +309,21 @@ class Transform(Plugin[ConfigT]):
         """Emit what remains once every input has ended or the run stops."""
         return []
 
+    def snapshot_state(self) -> bytes | None:
+        """Return this instance's state for a checkpoint (None: no state)."""
+        if self.stateful:
+            raise NotImplementedError(
+                f"{type(self).__name__} keeps state but cannot save it in a checkpoint"
+            )
+        return None
+
+    def restore_state(self, state: bytes) -> None:
+        """Load state saved by `snapshot_state`; called after `open()`."""
+        if self.stateful:
+            raise NotImplementedError(
+                f"{type(self).__name__} keeps state but cannot restore it"
+            )
+
 
 # --- sinks -----------------------------------------------------------------
 
@@ -322,8 +356,28 @@ class Sink(Plugin[ConfigT]):
         """Write one batch. Reserved metadata columns are already removed
         unless the sink's config asks to keep them."""
 
+    #: Set by the engine before `open()` when the run takes checkpoints: the
+    #: sink then stages its output and makes it visible in `commit()`.
+    transactional: bool = False
+
     def flush(self) -> None:
         """Make everything written so far durable."""
+
+    def prepare_commit(self, checkpoint_id: int) -> Any:
+        """Stage what was written since the last checkpoint.
+
+        Returns JSON-able state that `restore` needs to finish or undo the
+        commit after a crash.
+        """
+        self.flush()
+        return None
+
+    def commit(self, checkpoint_id: int) -> None:
+        """Make the output staged up to `checkpoint_id` visible to readers."""
+
+    def restore(self, state: Any, checkpoint_id: int) -> None:
+        """Resume after a crash: commit what checkpoint `checkpoint_id` staged
+        and discard output written after it. Called after `open()`."""
 
     def info(self) -> SinkInfo:
         return SinkInfo()

@@ -10,6 +10,7 @@ dead-letter writer and the run's stop flags.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -35,9 +36,24 @@ from dataflare.plugin.interface import (
     SourceBatch,
     Transform,
 )
+from dataflare.state.checkpoint import (
+    FINAL_CHECKPOINT,
+    Checkpoint,
+    CheckpointError,
+    CheckpointStorage,
+    InstanceState,
+)
+from dataflare.state.coordinator import CheckpointCoordinator, check_compatible
 from dataflare.streaming.deadletter import DeadLetterWriter
 from dataflare.streaming.errors import PipelineRunError, RejectedRecordError
-from dataflare.streaming.messages import Data, End, IdleState, Message, Watermark
+from dataflare.streaming.messages import (
+    Barrier,
+    Data,
+    End,
+    IdleState,
+    Message,
+    Watermark,
+)
 from dataflare.streaming.metrics import LatencyRecorder, StepMetrics
 from dataflare.streaming.plan import PipelinePlan, StepPlan
 from dataflare.streaming.time import (
@@ -64,6 +80,9 @@ class RunState:
         self.dead_letter = DeadLetterWriter(plan.dead_letter_path(), plan.spec.id)
         self.metrics: list[StepMetrics] = []
         self.latency = LatencyRecorder()
+        self.coordinator: CheckpointCoordinator | None = None
+        self.suspending = False  # stopping with a checkpoint, to resume later
+        self.restored: Checkpoint | None = None
         self._lock = threading.Lock()
 
     def fail(self, step: str, exc: BaseException) -> None:
@@ -185,10 +204,15 @@ class Outlet:
             for q in target.queues:
                 self._put(q, IdleState(target.channel, idle))
 
-    def send_end(self) -> None:
+    def send_barrier(self, checkpoint_id: int) -> None:
         for target in self.targets:
             for q in target.queues:
-                self._put(q, End(target.channel))
+                self._put(q, Barrier(target.channel, checkpoint_id))
+
+    def send_end(self, *, suspend: bool = False) -> None:
+        for target in self.targets:
+            for q in target.queues:
+                self._put(q, End(target.channel, suspend))
 
     def backlog(self) -> int:
         return max((q.qsize() for t in self.targets for q in t.queues), default=0)
@@ -237,9 +261,26 @@ class Instance(threading.Thread):
         self.channel_inputs: list[int] = []  # input index of each channel
         self.plugin: Plugin | None = None  # type: ignore[type-arg]
 
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.plan.id, self.index)
+
+    def outlets(self) -> list[Outlet]:
+        return [self.outlet, *self.context.side_outlets.values()]
+
     def build_plugin(self) -> None:
         plugin_cls: Any = self.plan.plugin_cls
         self.plugin = plugin_cls(self.plan.config, self.context)
+
+    def saved(self) -> InstanceState | None:
+        """Return this instance's state in the checkpoint the run resumes from."""
+        restored = self.state.restored
+        if restored is None:
+            return None
+        return restored.instance(self.plan.id, self.index)
+
+    def restore(self) -> None:
+        """Load checkpointed state into the opened plugin (if resuming)."""
 
     def run(self) -> None:
         try:
@@ -247,6 +288,7 @@ class Instance(threading.Thread):
             failed = True
             try:
                 self.plugin.open()
+                self.restore()
                 self.work()
                 failed = False
             finally:
@@ -276,19 +318,38 @@ class Instance(threading.Thread):
 
 
 class SourceInstance(Instance):
+    def restore(self) -> None:
+        self.position: dict[str, Any] = {}
+        saved = self.saved()
+        self.finished_before = saved is not None and saved.finished
+        if saved is None or saved.position is None:
+            return
+        self.position = dict(saved.position)
+        source = self.plugin
+        assert isinstance(source, Source)
+        if not self.plan.replay.sort_by_event_time and "source" in self.position:
+            source.restore_position(self.position["source"])
+
     def work(self) -> None:
         source = self.plugin
         assert isinstance(source, Source)
+        if getattr(self, "finished_before", False):
+            # Finished before the checkpoint: everything it read is downstream.
+            self._end()
+            return
         execution = self.state.plan.spec.execution
         extractor = None
-        generator = None
+        self.generator = None
         if self.plan.event_time is not None:
             extractor = EventTimeExtractor(self.plan.event_time, source.schema())
-            generator = WatermarkGenerator(self.plan.watermark)
-        batcher = AdaptiveBatcher(
+            self.generator = WatermarkGenerator(self.plan.watermark)
+            self._restore_watermark()
+        self.batcher = AdaptiveBatcher(
             max_rows=execution.max_batch_rows,
             linger_seconds=execution.linger.total_seconds(),
         )
+        self.sorted_rows = 0
+        self.last_checkpoint = 0
         idle_after = self.plan.watermark.idle_timeout
         idle_seconds = idle_after.total_seconds() if idle_after is not None else None
         last_data = time.monotonic()
@@ -297,14 +358,15 @@ class SourceInstance(Instance):
         items: Iterable[SourceBatch | Idle] = source.read()
         if self.plan.replay.sort_by_event_time:
             assert extractor is not None
-            items = self._sorted(items, extractor, execution.max_batch_rows)
+            skip = int(getattr(self, "position", {}).get("sorted_rows", 0))
+            items = self._sorted(items, extractor, execution.max_batch_rows, skip)
             extractor = None
         for item in items:
             if self.state.abort.is_set():
                 return
             now = time.monotonic()
             if isinstance(item, Idle):
-                self._flush(batcher.drain())
+                self._flush(self.batcher.drain())
                 if (
                     idle_seconds is not None
                     and not idle
@@ -312,42 +374,106 @@ class SourceInstance(Instance):
                 ):
                     idle = True
                     self.outlet.send_idle(True)
-                if self.state.stop.is_set():
-                    break
-                continue
-            if idle:
-                idle = False
-                self.outlet.send_idle(False)
-            last_data = now
-            if extractor is not None or not self.plan.replay.sort_by_event_time:
-                self.metrics.records_in += item.batch.num_rows
-            batch = self._accept(item, extractor)
-            if batch is not None and batch.num_rows:
-                watermark = generator.observe(batch) if generator is not None else None
-                for ready in batcher.add(
-                    batch, downstream_idle=self.outlet.backlog() == 0
-                ):
-                    self._emit(ready)
-                if watermark is not None:
-                    # Records and watermark stay in order: flush before the mark.
-                    self._flush(batcher.drain())
-                    self.outlet.send_watermark(watermark, time.monotonic_ns())
             else:
-                self._flush(batcher.due())
+                if idle:
+                    idle = False
+                    self.outlet.send_idle(False)
+                last_data = now
+                self._handle(item, extractor)
+            if self._checkpoint_if_pending():
+                self._suspend()
+                return
             if self.state.stop.is_set():
                 break
-        self._flush(batcher.drain())
+        self._flush(self.batcher.drain())
+        if self._checkpoint_if_pending():
+            self._suspend()
+            return
         if not self.state.abort.is_set():
-            self.outlet.send_watermark(MAX_TIME, time.monotonic_ns())
-            self.outlet.send_end()
+            self._end()
+
+    def _handle(self, item: SourceBatch, extractor: EventTimeExtractor | None) -> None:
+        if extractor is not None or not self.plan.replay.sort_by_event_time:
+            self.metrics.records_in += item.batch.num_rows
+        else:
+            self.sorted_rows += item.batch.num_rows
+        batch = self._accept(item, extractor)
+        if batch is None or not batch.num_rows:
+            self._flush(self.batcher.due())
+            return
+        generator = self.generator
+        watermark = generator.observe(batch) if generator is not None else None
+        for ready in self.batcher.add(
+            batch, downstream_idle=self.outlet.backlog() == 0
+        ):
+            self._emit(ready)
+        if watermark is not None:
+            # Records and watermark stay in order: flush before the mark.
+            self._flush(self.batcher.drain())
+            self.outlet.send_watermark(watermark, time.monotonic_ns())
+
+    def _restore_watermark(self) -> None:
+        position = getattr(self, "position", {})
+        generator = self.generator
+        if generator is None or "max_seen" not in position:
+            return
+        generator.max_seen = int(position["max_seen"])
+        generator.current = int(position["watermark"])
+        self.outlet.send_watermark(generator.current, time.monotonic_ns())
+
+    def _checkpoint_if_pending(self) -> bool:
+        """Take part in a pending checkpoint; return True to stop after it."""
+        coordinator = self.state.coordinator
+        if coordinator is None:
+            return False
+        checkpoint_id = coordinator.pending()
+        if checkpoint_id is None or checkpoint_id <= self.last_checkpoint:
+            return False
+        self._flush(self.batcher.drain())
+        coordinator.ack(
+            self.key, checkpoint_id, InstanceState(position=self._position())
+        )
+        self.last_checkpoint = checkpoint_id
+        for outlet in self.outlets():
+            outlet.send_barrier(checkpoint_id)
+        return coordinator.stop_after
+
+    def _position(self) -> dict[str, Any]:
+        source = self.plugin
+        assert isinstance(source, Source)
+        position: dict[str, Any] = {}
+        if self.plan.replay.sort_by_event_time:
+            position["sorted_rows"] = self.sorted_rows
+        else:
+            position["source"] = source.snapshot_position()
+        if self.generator is not None:
+            position["max_seen"] = self.generator.max_seen
+            position["watermark"] = self.generator.current
+        return position
+
+    def _suspend(self) -> None:
+        for outlet in self.outlets():
+            outlet.send_end(suspend=True)
+
+    def _end(self) -> None:
+        for outlet in self.outlets():
+            outlet.send_watermark(MAX_TIME, time.monotonic_ns())
+            outlet.send_end()
+        if self.state.coordinator is not None:
+            self.state.coordinator.finish(self.key, InstanceState(finished=True))
 
     def _sorted(
         self,
         items: Iterable[SourceBatch | Idle],
         extractor: EventTimeExtractor,
         rows: int,
+        skip: int,
     ) -> Iterable[SourceBatch]:
-        """Read everything, then yield it in event-time order (stable)."""
+        """Read everything, then yield it in event-time order (stable).
+
+        `skip` rows of the sorted input are left out: they were emitted
+        before the checkpoint the run resumes from.
+        """
         batches = []
         for item in items:
             if isinstance(item, SourceBatch):
@@ -361,7 +487,9 @@ class SourceInstance(Instance):
             return
         table = pa.Table.from_batches(batches)
         order = pc.sort_indices(table, sort_keys=[(EVENT_TIME, "ascending")])
-        for batch in table.take(order).combine_chunks().to_batches(max_chunksize=rows):
+        ordered = table.take(order).slice(skip).combine_chunks()
+        self.sorted_rows = skip
+        for batch in ordered.to_batches(max_chunksize=rows):
             yield SourceBatch(batch)
 
     def _accept(
@@ -394,17 +522,25 @@ class SourceInstance(Instance):
 
 
 class _ConsumerInstance(Instance):
-    """Common input handling: per-channel watermarks, idleness and end."""
+    """Common input handling: watermarks, idleness, barriers and end."""
 
     def work(self) -> None:
-        watermarks = [MIN_TIME] * self.channels
-        idle = [False] * self.channels
-        ended = [False] * self.channels
-        current = MIN_TIME
+        self.watermarks = [MIN_TIME] * self.channels
+        self.idle = [False] * self.channels
+        self.ended = [False] * self.channels
+        self.suspended = False
+        self.current = MIN_TIME
+        self.blocked: set[int] = set()  # channels whose barrier arrived
+        self.aligning: int | None = None
+        held: collections.deque[Message] = collections.deque()
+        replay: collections.deque[Message] = collections.deque()
         while True:
-            message = self.receive()
+            message = replay.popleft() if replay else self.receive()
             if message is None:
                 return
+            if message.channel in self.blocked:
+                held.append(message)  # aligning: later messages wait
+                continue
             if isinstance(message, Data):
                 start = time.perf_counter_ns()
                 self.metrics.records_in += message.batch.num_rows
@@ -412,36 +548,69 @@ class _ConsumerInstance(Instance):
                 self.on_data(message, self.channel_inputs[message.channel])
                 self.metrics.busy_ns += time.perf_counter_ns() - start
                 continue
-            if isinstance(message, Watermark):
-                watermarks[message.channel] = max(
-                    watermarks[message.channel], message.time
-                )
-                created = message.created_ns
-            elif isinstance(message, IdleState):
-                idle[message.channel] = message.idle
-                created = time.monotonic_ns()
+            if isinstance(message, Barrier):
+                self.aligning = message.checkpoint_id
+                self.blocked.add(message.channel)
+            elif isinstance(message, End):
+                self._on_channel_end(message)
             else:
-                ended[message.channel] = True
-                watermarks[message.channel] = MAX_TIME
-                created = time.monotonic_ns()
-                index = self.channel_inputs[message.channel]
-                same_input = [
-                    done
-                    for done, i in zip(ended, self.channel_inputs, strict=True)
-                    if i == index
-                ]
-                if all(same_input) and not all(ended):
-                    self.on_input_end(index)
-            active = [
-                w for w, i, e in zip(watermarks, idle, ended, strict=True) if not i or e
-            ]
-            combined = min(active) if active else current
-            if combined > current:
-                current = combined
-                self.on_watermark(current, created)
-            if all(ended):
-                self.on_end()
+                self._on_time(message)
+            if self._aligned():
+                assert self.aligning is not None
+                self.on_checkpoint(self.aligning)
+                self.aligning = None
+                self.blocked.clear()
+                replay.extendleft(reversed(held))
+                held.clear()
+            if all(self.ended) and not replay:
+                if self.suspended:
+                    self.on_suspend()
+                else:
+                    self.on_end()
                 return
+
+    def _aligned(self) -> bool:
+        if self.aligning is None:
+            return False
+        return all(c in self.blocked or self.ended[c] for c in range(self.channels))
+
+    def _on_time(self, message: Watermark | IdleState) -> None:
+        if isinstance(message, Watermark):
+            channel = message.channel
+            self.watermarks[channel] = max(self.watermarks[channel], message.time)
+            created = message.created_ns
+        else:
+            self.idle[message.channel] = message.idle
+            created = time.monotonic_ns()
+        self._advance(created)
+
+    def _on_channel_end(self, message: End) -> None:
+        self.ended[message.channel] = True
+        if message.suspend:
+            # Stopped for a checkpoint: no watermark jump, nothing flushed.
+            self.suspended = True
+            return
+        self.watermarks[message.channel] = MAX_TIME
+        index = self.channel_inputs[message.channel]
+        same_input = [
+            done
+            for done, i in zip(self.ended, self.channel_inputs, strict=True)
+            if i == index
+        ]
+        if all(same_input) and not all(self.ended):
+            self.on_input_end(index)
+        self._advance(time.monotonic_ns())
+
+    def _advance(self, created: int) -> None:
+        active = [
+            w
+            for w, i, e in zip(self.watermarks, self.idle, self.ended, strict=True)
+            if not i or e
+        ]
+        combined = min(active) if active else self.current
+        if combined > self.current and not self.suspended:
+            self.current = combined
+            self.on_watermark(self.current, created)
 
     def on_data(self, message: Data, input_index: int) -> None:
         raise NotImplementedError
@@ -450,6 +619,12 @@ class _ConsumerInstance(Instance):
         pass
 
     def on_watermark(self, watermark: int, created_ns: int) -> None:
+        raise NotImplementedError
+
+    def on_checkpoint(self, checkpoint_id: int) -> None:
+        raise NotImplementedError
+
+    def on_suspend(self) -> None:
         raise NotImplementedError
 
     def on_end(self) -> None:
@@ -471,10 +646,34 @@ class TransformInstance(_ConsumerInstance):
         if all(schema is not None for schema in inputs):
             transform.output_schema(inputs)
 
+    def restore(self) -> None:
+        restored = self.state.restored
+        if restored is None:
+            return
+        blob = restored.state_of(self.plan.id, self.index)
+        transform = self.plugin
+        assert isinstance(transform, Transform)
+        if blob is not None:
+            transform.restore_state(blob)
+
     def on_input_end(self, input_index: int) -> None:
         transform = self.plugin
         assert isinstance(transform, Transform)
         self._emit(transform.on_input_end(input_index), time.monotonic_ns())
+
+    def on_checkpoint(self, checkpoint_id: int) -> None:
+        transform = self.plugin
+        assert isinstance(transform, Transform)
+        coordinator = self.state.coordinator
+        assert coordinator is not None
+        blob = transform.snapshot_state()
+        coordinator.ack(self.key, checkpoint_id, InstanceState(), blob)
+        for outlet in self.outlets():
+            outlet.send_barrier(checkpoint_id)
+
+    def on_suspend(self) -> None:
+        for outlet in self.outlets():
+            outlet.send_end(suspend=True)
 
     def on_data(self, message: Data, input_index: int) -> None:
         transform = self.plugin
@@ -496,6 +695,8 @@ class TransformInstance(_ConsumerInstance):
         self.outlet.send_end()
         for outlet in self.context.side_outlets.values():
             outlet.send_end()
+        if self.state.coordinator is not None:
+            self.state.coordinator.finish(self.key, InstanceState(finished=True))
 
     def _emit(self, batches: list[pa.RecordBatch], created_ns: int) -> None:
         for batch in batches:
@@ -513,6 +714,49 @@ class SinkInstance(_ConsumerInstance):
             schema = pa.schema([f for f in schema if f.name not in RESERVED_COLUMNS])
         if isinstance(self.plugin, Sink):
             self.plugin.input_schema = schema
+            self.plugin.transactional = self.state.coordinator is not None
+        self.commits: queue.SimpleQueue[int] = queue.SimpleQueue()
+        if self.state.coordinator is not None:
+            self.state.coordinator.commit_queues[self.key] = self.commits
+
+    def restore(self) -> None:
+        saved = self.saved()
+        restored = self.state.restored
+        if saved is None or restored is None:
+            return
+        sink = self.plugin
+        assert isinstance(sink, Sink)
+        sink.restore(saved.sink, restored.id)
+
+    def receive(self) -> Message | None:
+        while not self.state.abort.is_set():
+            self._commit_completed()
+            try:
+                return self.inbox.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                continue
+        return None
+
+    def _commit_completed(self) -> None:
+        sink = self.plugin
+        assert isinstance(sink, Sink)
+        while True:
+            try:
+                checkpoint_id = self.commits.get_nowait()
+            except queue.Empty:
+                return
+            sink.commit(checkpoint_id)
+
+    def on_checkpoint(self, checkpoint_id: int) -> None:
+        sink = self.plugin
+        assert isinstance(sink, Sink)
+        coordinator = self.state.coordinator
+        assert coordinator is not None
+        state = sink.prepare_commit(checkpoint_id)
+        coordinator.ack(self.key, checkpoint_id, InstanceState(sink=state))
+
+    def on_suspend(self) -> None:
+        self._await_checkpoint(final=False)
 
     def on_data(self, message: Data, input_index: int) -> None:
         sink = self.plugin
@@ -532,7 +776,26 @@ class SinkInstance(_ConsumerInstance):
     def on_end(self) -> None:
         sink = self.plugin
         assert isinstance(sink, Sink)
-        sink.flush()
+        coordinator = self.state.coordinator
+        if coordinator is None:
+            sink.flush()
+            return
+        state = sink.prepare_commit(FINAL_CHECKPOINT)
+        coordinator.finish(self.key, InstanceState(finished=True, sink=state))
+        self._await_checkpoint()
+
+    def _await_checkpoint(self, *, final: bool = True) -> None:
+        """Wait until the final checkpoint (or the one in flight) is written,
+        then publish the output it covers."""
+        coordinator = self.state.coordinator
+        assert coordinator is not None
+        while not self.state.abort.is_set():
+            if coordinator.done.is_set():
+                break
+            if not final and coordinator.pending() is None:
+                break
+            time.sleep(_POLL_SECONDS / 5)
+        self._commit_completed()
 
 
 # --- the run ---------------------------------------------------------------
@@ -554,9 +817,17 @@ INSTANCE_TYPES: dict[str, type[Instance]] = {
 class Executor:
     """Wires instances of a plan together and runs them to the end."""
 
-    def __init__(self, plan: PipelinePlan) -> None:
+    def __init__(
+        self,
+        plan: PipelinePlan,
+        *,
+        resume_from: str | None = None,
+        from_scratch: bool = False,
+    ) -> None:
         self.plan = plan
         self.state = RunState(plan)
+        self.savepoint_requests: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._set_up_checkpoints(resume_from, from_scratch)
         self.instances: dict[str, list[Instance]] = {}
         for step in plan.steps.values():
             kind = INSTANCE_TYPES[step.section]
@@ -565,7 +836,65 @@ class Executor:
             ]
         for instance in self.all_instances():
             instance.build_plugin()
+        if self.state.coordinator is not None:
+            self._check_checkpointable()
         self._wire()
+
+    def _set_up_checkpoints(self, resume_from: str | None, from_scratch: bool) -> None:
+        spec = self.plan.spec.checkpointing
+        if spec is None:
+            if resume_from is not None:
+                raise PipelineRunError(
+                    "cannot resume: the pipeline has no `checkpointing` section"
+                )
+            return
+        storage = CheckpointStorage(
+            spec.storage.replace("{pipeline_id}", self.plan.spec.id)
+        )
+        restored: Checkpoint | None
+        try:
+            if from_scratch:
+                storage.clear()
+            if resume_from is not None:
+                restored = storage.load(resume_from)
+            else:
+                restored = storage.latest()
+            if restored is not None and restored.finished:
+                logger.info(
+                    "the last run completed (checkpoint %d); starting anew", restored.id
+                )
+                storage.clear()
+                restored = None
+            if restored is not None:
+                check_compatible(self.plan, restored)
+                logger.info(
+                    "resuming from checkpoint %d at %s", restored.id, restored.location
+                )
+        except CheckpointError as exc:
+            raise PipelineRunError(str(exc)) from exc
+        self.state.restored = restored
+        keys = [
+            (step.id, index)
+            for step in self.plan.steps.values()
+            for index in range(step.parallelism)
+        ]
+        self.state.coordinator = CheckpointCoordinator(
+            self.plan, storage, keys, keep=spec.keep, restored=restored
+        )
+
+    def _check_checkpointable(self) -> None:
+        for instance in self.all_instances():
+            plugin = instance.plugin
+            if (
+                isinstance(plugin, Transform)
+                and plugin.stateful
+                and type(plugin).snapshot_state is Transform.snapshot_state
+            ):
+                raise PipelineRunError(
+                    f"step {instance.plan.id!r} (type {instance.plan.type!r}) keeps "
+                    "state that cannot be saved in checkpoints yet; remove the "
+                    "`checkpointing` section to run it without checkpoints"
+                )
 
     def _wire(self) -> None:
         for step in self.plan.steps.values():
@@ -613,6 +942,12 @@ class Executor:
         )
         for instance in instances:
             instance.start()
+        trigger = None
+        if self.state.coordinator is not None:
+            trigger = threading.Thread(
+                target=self._trigger_checkpoints, name="checkpoints", daemon=True
+            )
+            trigger.start()
         try:
             for instance in instances:
                 while instance.is_alive():
@@ -630,5 +965,45 @@ class Executor:
                 raise exc
             raise PipelineRunError(f"step {step!r} failed: {exc}") from exc
 
+    def _trigger_checkpoints(self) -> None:
+        coordinator = self.state.coordinator
+        spec = self.plan.spec.checkpointing
+        assert coordinator is not None and spec is not None
+        interval = spec.interval.total_seconds()
+        next_at = time.monotonic() + interval
+        while not (
+            self.state.abort.is_set()
+            or coordinator.done.is_set()
+            or coordinator.stopped
+        ):
+            time.sleep(min(_POLL_SECONDS, interval))
+            try:
+                location = self.savepoint_requests.get_nowait()
+            except queue.Empty:
+                location = None
+            if location is not None:
+                if coordinator.trigger(savepoint=location) is None:
+                    self.savepoint_requests.put(location)  # busy: try again
+                continue
+            if time.monotonic() >= next_at:
+                coordinator.trigger()
+                next_at = time.monotonic() + interval
+
     def request_stop(self) -> None:
+        coordinator = self.state.coordinator
+        spec = self.plan.spec.checkpointing
+        if (
+            coordinator is not None
+            and spec is not None
+            and spec.on_stop == "checkpoint"
+        ):
+            coordinator.trigger(stop_after=True)
+            self.state.suspending = True
+            return
         self.state.stop.set()
+
+    def request_savepoint(self, location: str) -> None:
+        """Take a savepoint into `location` as soon as no checkpoint is in flight."""
+        if self.state.coordinator is None:
+            raise PipelineRunError("savepoints need a `checkpointing` section")
+        self.savepoint_requests.put(location)

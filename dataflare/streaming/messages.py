@@ -34,8 +34,17 @@ class IdleState:
 
 
 @dataclass(slots=True)
+class Barrier:
+    """Checkpoint barrier: everything before it belongs to `checkpoint_id`."""
+
+    channel: int
+    checkpoint_id: int
+
+
+@dataclass(slots=True)
 class End:
     channel: int
+    suspend: bool = False  # stopped for a checkpoint: keep state, emit nothing
 
 
-Message = Data | Watermark | IdleState | End
+Message = Data | Watermark | IdleState | Barrier | End

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 from dataflare.plugin.interface import Sink, Source
@@ -52,15 +54,37 @@ class PipelineRun:
     """One execution of a plan. `run()` blocks; `stop()` may be called from
     another thread or a signal handler to end it cleanly."""
 
-    def __init__(self, plan: PipelinePlan) -> None:
+    def __init__(
+        self,
+        plan: PipelinePlan,
+        *,
+        resume_from: str | None = None,
+        from_scratch: bool = False,
+    ) -> None:
         self.plan = plan
-        self.executor = Executor(plan)
+        self.executor = Executor(
+            plan, resume_from=resume_from, from_scratch=from_scratch
+        )
         self._started = 0.0
 
     def stop(self) -> None:
-        if not self.executor.state.stop.is_set():
+        spec = self.plan.spec.checkpointing
+        if spec is not None and spec.on_stop == "checkpoint":
+            logger.info("stop requested: taking a checkpoint, then stopping")
+        elif not self.executor.state.stop.is_set():
             logger.info("stop requested: ending sources, draining the pipeline")
         self.executor.request_stop()
+
+    def savepoint(self) -> str:
+        """Take a savepoint as soon as possible; return where it will be."""
+        coordinator = self.executor.state.coordinator
+        if coordinator is None:
+            raise PipelineRunError("savepoints need a `checkpointing` section")
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        location = f"{coordinator.storage.path}/savepoints/sp-{stamp}"
+        logger.info("savepoint requested: writing %s", location)
+        self.executor.request_savepoint(location)
+        return location
 
     def snapshot(self) -> ProgressSnapshot:
         metrics = self.executor.state.metrics
@@ -153,9 +177,8 @@ class PipelineRun:
                 if info.table is not None:
                     tables[instance.plan.id] = info.table
         p50, p99 = state.latency.percentiles(0.5, 0.99)
-        status = (
-            "failed" if error else ("stopped" if state.stop.is_set() else "completed")
-        )
+        stopped = state.stop.is_set() or state.suspending
+        status = "failed" if error else ("stopped" if stopped else "completed")
         return RunSummary(
             pipeline_id=self.plan.spec.id,
             status=status,
@@ -195,9 +218,34 @@ def stop_on_signals(run: PipelineRun) -> Iterator[None]:
         logger.info("received %s", signal.Signals(signum).name)
         run.stop()
 
+    def savepoint_handler(signum: int, frame: FrameType | None) -> None:
+        try:
+            run.savepoint()
+        except PipelineRunError as exc:
+            logger.warning("%s", exc)
+
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, savepoint_handler)
+    pid_file = _write_pid_file(run)
     try:
         yield
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)
+
+
+PID_FILE = "run.pid"
+
+
+def _write_pid_file(run: PipelineRun) -> Path | None:
+    """Record the process id next to local checkpoints, for `dataflare savepoint`."""
+    coordinator = run.executor.state.coordinator
+    if coordinator is None or not coordinator.storage.local:
+        return None
+    folder = Path(coordinator.storage.path)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / PID_FILE
+    path.write_text(f"{os.getpid()}\n")
+    return path

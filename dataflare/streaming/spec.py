@@ -179,6 +179,20 @@ class ErrorsSpec(_Model):
     dead_letter: DeadLetterSpec = Field(default_factory=DeadLetterSpec)
 
 
+class CheckpointingSpec(_Model):
+    interval: Duration = timedelta(seconds=10)
+    """Time between two periodic checkpoints."""
+    storage: str = "checkpoints/{pipeline_id}"
+    """Directory or fsspec URL (for example `s3://bucket/path`) for
+    checkpoints; `{pipeline_id}` is replaced."""
+    keep: int = Field(default=3, ge=1)
+    """Number of complete checkpoints kept; older ones are deleted."""
+    on_stop: Literal["drain", "checkpoint"] = "drain"
+    """What SIGINT or SIGTERM does: `drain` ends the inputs and emits every
+    open window; `checkpoint` takes a final checkpoint and exits, so the next
+    run resumes where this one stopped."""
+
+
 class ScheduleSpec(_Model):
     cron: str | None = None
     interval: Duration | None = None
@@ -195,6 +209,7 @@ class PipelineSpec(_Model):
     destinations: dict[StepId, DestinationSpec] = Field(min_length=1)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     errors: ErrorsSpec = Field(default_factory=ErrorsSpec)
+    checkpointing: CheckpointingSpec | None = None
     # NOTE: `schedule` is validated and kept; `dataflare run` runs once and
     # does not wait for it, because acting on it needs a long-lived scheduler.
     schedule: ScheduleSpec | None = None

@@ -38,10 +38,12 @@ Semantics:
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Literal
 
+import orjson
 import polars as pl
 import pyarrow as pa
 from pydantic import Field, model_validator
@@ -155,6 +157,7 @@ class WindowTransform(Transform[WindowConfig]):
         "window", PluginKind.WINDOW, "Keyed aggregations over event-time windows"
     )
     Config = WindowConfig
+    stateful = True
     input_count = None  # several inputs with one schema are merged
 
     # --- schemas ---
@@ -277,6 +280,32 @@ class WindowTransform(Transform[WindowConfig]):
     def finish(self) -> list[pa.RecordBatch]:
         return self.on_watermark(2**63 - 1)
 
+    # --- checkpoints ---
+
+    def snapshot_state(self) -> bytes | None:
+        frames = [frame for parts in self._windows.values() for frame in parts]
+        buffered = pl.concat(frames) if frames else None
+        sessions = pl.concat(self._sessions) if self._sessions else None
+        header = orjson.dumps({"watermark": self._watermark})
+        parts = [header, _ipc(buffered), _ipc(sessions)]
+        return b"".join(len(p).to_bytes(8, "little") + p for p in parts)
+
+    def restore_state(self, state: bytes) -> None:
+        parts = []
+        offset = 0
+        while offset < len(state):
+            size = int.from_bytes(state[offset : offset + 8], "little")
+            parts.append(state[offset + 8 : offset + 8 + size])
+            offset += 8 + size
+        header, buffered, sessions = parts
+        self._watermark = int(orjson.loads(header)["watermark"])
+        self._windows = {}
+        if buffered:
+            frame = pl.read_ipc(io.BytesIO(buffered))
+            for (start,), part in frame.partition_by(_WS, as_dict=True).items():
+                self._windows[int(start)] = [part]
+        self._sessions = [pl.read_ipc(io.BytesIO(sessions))] if sessions else []
+
     # --- aggregation ---
 
     def _aggregate(self, rows: pl.DataFrame, starts: list[int]) -> pl.DataFrame:
@@ -327,3 +356,11 @@ class WindowTransform(Transform[WindowConfig]):
         )
         out = out.sort(["__start", *keys])
         return [to_batch(self._with_bounds(out, pl.col("__start"), pl.col("__end")))]
+
+
+def _ipc(frame: pl.DataFrame | None) -> bytes:
+    if frame is None or frame.height == 0:
+        return b""
+    buffer = io.BytesIO()
+    frame.write_ipc(buffer)
+    return buffer.getvalue()

@@ -215,6 +215,11 @@ class CsvSource(Source[CsvSourceConfig]):
         self._zoneless: set[str] = set()
         self._cursors: list[_Cursor] = []
         self._progress = ByteProgress([])
+        # Checkpoint positions: where each file's next record starts, and the
+        # files read to their end (bounded mode).
+        self._positions: dict[str, dict[str, Any]] = {}
+        self._done: set[str] = set()
+        self._resume: dict[str, Any] | None = None
 
     def open(self) -> None:
         self._schema = self.schema()
@@ -313,18 +318,58 @@ class CsvSource(Source[CsvSourceConfig]):
 
     # --- reading ---
 
+    # --- checkpoints ---
+
+    def snapshot_position(self) -> Any:
+        # NOTE: a gzip stream cannot seek, so a run reading .gz files replays
+        # them from the start after a crash.
+        if any(cursor.compressed for cursor in self._cursors):
+            return None
+        return {"files": dict(self._positions), "done": sorted(self._done)}
+
+    def restore_position(self, position: Any) -> None:
+        self._resume = position
+        if position:
+            self._done = set(position["done"])
+            self._positions = dict(position["files"])
+
+    def _seek(self, cursor: _Cursor) -> None:
+        saved = self._positions.get(str(cursor.path))
+        if saved is None or cursor.compressed or self._resume is None:
+            return
+        cursor.raw.seek(saved["offset"])
+        cursor.names = saved["names"]
+        cursor.record = saved["record"]
+        cursor.line = saved["line"]
+        cursor.consumed = saved["offset"]
+
+    def _remember(self, cursor: _Cursor) -> None:
+        self._positions[str(cursor.path)] = {
+            "offset": cursor.raw.tell() - len(cursor.pending),
+            "names": cursor.names,
+            "record": cursor.record,
+            "line": cursor.line,
+        }
+
+    # --- reading ---
+
     def read(self) -> Iterator[SourceBatch | Idle]:
         if self.config.follow:
             yield from self._follow()
             return
         for path in resolve_paths(self.config.path, _EXTENSIONS):
+            if str(path) in self._done:
+                continue
             cursor = _open_cursor(path)
+            self._seek(cursor)
             self._cursors.append(cursor)
             try:
                 yield from self._read_available(cursor, final=True)
             finally:
                 self._cursors.remove(cursor)
                 cursor.close()
+            self._done.add(str(path))
+            self._positions.pop(str(path), None)
             if self.context.stopping:
                 return
 
@@ -352,6 +397,7 @@ class CsvSource(Source[CsvSourceConfig]):
                 if cursor.consumed == before and self._replaced(cursor):
                     self._cursors.remove(cursor)
                     cursor.close()
+                    self._positions.pop(str(cursor.path), None)
                     known[cursor.path] = self._add_cursor(cursor.path)
             if not produced:
                 yield IDLE
@@ -359,6 +405,7 @@ class CsvSource(Source[CsvSourceConfig]):
 
     def _add_cursor(self, path: Path) -> _Cursor:
         cursor = _open_cursor(path)
+        self._seek(cursor)
         self._cursors.append(cursor)
         return cursor
 
@@ -397,6 +444,7 @@ class CsvSource(Source[CsvSourceConfig]):
                     batch = self._parse(cursor, chunk)
                     self._count_progress(cursor)
                     if batch is not None:
+                        self._remember(cursor)
                         yield batch
                     if self.context.stopping:
                         return

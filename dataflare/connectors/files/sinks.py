@@ -10,6 +10,14 @@ When no record arrives, the sink still writes one valid, empty file (a
 header only, for CSV) with the schema of the records it would have
 received. With `overwrite: false`, an existing output is an error, found
 when the sink opens and checked again at the final rename.
+
+Exactly once, when the pipeline takes checkpoints: `path` is a directory
+and every checkpoint closes the current part file. Closed files wait under a
+hidden `.part-NNNNNN.ext.pending` name until the checkpoint is complete,
+then are renamed to `part-NNNNNN.ext`. After a crash, the run resumes from
+the last complete checkpoint: pending files it lists are published, and
+every other hidden file (written after it) is deleted, so the visible files
+hold each record exactly once.
 """
 
 from __future__ import annotations
@@ -25,11 +33,14 @@ import pyarrow as pa
 from pydantic import Field
 
 from dataflare.plugin.interface import Sink, SinkConfig, SinkInfo
+from dataflare.state.checkpoint import FINAL_CHECKPOINT
+from dataflare.state.faults import crash_point
 from dataflare.streaming.spec import Duration
 
 logger = logging.getLogger(__name__)
 
 IN_PROGRESS = ".inprogress"
+PENDING = ".pending"
 PART_PREFIX = "part-"
 
 
@@ -85,6 +96,8 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
     # --- lifecycle ---
 
     def open(self) -> None:
+        self._staged: list[tuple[int, list[str]]] = []  # (checkpoint, file names)
+        self._started = False
         self._writer: Any = None
         self._current: Path | None = None
         self._opened_at = 0.0
@@ -94,6 +107,9 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
         if self._schema is not None:
             self.check_schema(self._schema)
         target = Path(self.config.path)
+        if self.transactional:
+            return  # prepared on first use, after a possible `restore`
+        self._started = True
         if self.rolling:
             self._prepare_directory(target)
         else:
@@ -126,19 +142,21 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
                 f"output directory {target} already has part files ({parts[0].name}, "
                 "...) and overwrite is false; remove them or set overwrite: true"
             )
-        for old in [
-            *parts,
-            *target.glob(f"{PART_PREFIX}*{self.extension}{IN_PROGRESS}"),
-        ]:
+        leftovers = [
+            *target.glob(f".{PART_PREFIX}*"),
+            *target.glob(f"{PART_PREFIX}*{IN_PROGRESS}"),
+        ]
+        for old in [*parts, *leftovers]:
             old.unlink()
 
     def write(self, batch: pa.RecordBatch) -> None:
+        self._start()
         if self._schema is None:
             self.check_schema(batch.schema)
             self._schema = batch.schema
         elif batch.schema != self._schema:
             batch = self._conform(batch)
-        if self._writer is not None and self._too_old():
+        if not self.transactional and self._writer is not None and self._too_old():
             self._finish_file()
         if self._writer is None:
             self._start_file(self._schema)
@@ -162,7 +180,14 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
                 f"{self._schema}: {exc}"
             ) from exc
 
+    def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._prepare_directory(Path(self.config.path))
+
     def flush(self) -> None:
+        if self.transactional:
+            return  # output becomes visible through prepare_commit and commit
         if self._writer is None and not self._written:
             # No records arrived: still leave a valid, empty output file.
             if self._schema is not None:
@@ -182,12 +207,82 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
             self._current = None
 
     def info(self) -> SinkInfo:
-        return SinkInfo(paths=list(self._written), delivery="at-least-once")
+        delivery = "exactly-once" if self.transactional else "at-least-once"
+        return SinkInfo(paths=list(self._written), delivery=delivery)
+
+    # --- exactly once ---
+
+    def prepare_commit(self, checkpoint_id: int) -> Any:
+        self._start()
+        final = checkpoint_id == FINAL_CHECKPOINT
+        nothing_yet = not self._written and not self._staged
+        if final and self._writer is None and nothing_yet and self._schema is not None:
+            self._start_file(
+                self._schema
+            )  # a valid empty output, as without checkpoints
+        if self._writer is not None and self._current is not None:
+            self._writer.close()
+            temporary = _in_progress(self._current)
+            _sync(temporary)
+            os.replace(temporary, _pending(self._current))
+            self._staged.append((checkpoint_id, [self._current.name]))
+            self._writer = None
+            self._current = None
+        return {
+            "next_part": self._part,
+            "staged": [[tag, list(names)] for tag, names in self._staged],
+        }
+
+    def commit(self, checkpoint_id: int) -> None:
+        directory = Path(self.config.path)
+        keep = []
+        for tag, names in self._staged:
+            if tag > checkpoint_id:
+                keep.append((tag, names))
+                continue
+            for name in names:
+                pending = _pending(directory / name)
+                if pending.exists():
+                    os.replace(pending, directory / name)
+                    crash_point("sink-commit")
+                self._written.append(str(directory / name))
+        self._staged = keep
+        _sync(directory)
+
+    def restore(self, state: Any, checkpoint_id: int) -> None:
+        directory = Path(self.config.path)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._started = True
+        listed = set()
+        if state:
+            self._part = int(state["next_part"])
+            for _, names in state["staged"]:
+                for name in names:
+                    listed.add(name)
+                    pending = _pending(directory / name)
+                    if pending.exists():
+                        os.replace(pending, directory / name)
+        for leftover in directory.glob(f".{PART_PREFIX}*"):
+            leftover.unlink()  # written after the checkpoint: replayed anew
+        self._written = [
+            str(p) for p in sorted(directory.glob(f"{PART_PREFIX}*{self.extension}"))
+        ]
+        logger.info(
+            "resumed %s at checkpoint %d: %d part files kept, %d published",
+            directory,
+            checkpoint_id,
+            len(self._written),
+            len(listed),
+        )
 
     # --- files ---
 
     def _start_file(self, schema: pa.Schema) -> None:
-        if self.rolling:
+        if self.transactional:
+            name = f"{PART_PREFIX}{self._part:06d}{self.extension}"
+            final = Path(self.config.path) / name
+            self._part += 1
+        elif self.rolling:
             name = f"{PART_PREFIX}{self._part:05d}{self.extension}"
             final = Path(self.config.path) / name
             self._part += 1
@@ -206,6 +301,8 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
         )
 
     def _should_roll(self) -> bool:
+        if self.transactional:
+            return False  # checkpoints close the part files
         if not self.rolling or self._current is None:
             return False
         limit = self.config.roll_bytes
@@ -262,7 +359,14 @@ def _publish_new(temporary: Path, final: Path) -> None:
 
 
 def _in_progress(path: Path) -> Path:
+    if path.name.startswith(PART_PREFIX):
+        # Hidden while being written, so that readers globbing part-* skip it.
+        return path.with_name("." + path.name + IN_PROGRESS)
     return path.with_name(path.name + IN_PROGRESS)
+
+
+def _pending(path: Path) -> Path:
+    return path.with_name("." + path.name + PENDING)
 
 
 def _sync(path: Path) -> None:

@@ -1,0 +1,1 @@
+"""State and checkpoints: storage, the coordinator, recovery."""
