@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from dataflare.plugin.interface import Sink, Source
+from dataflare.plugin.interface import Progress, Sink, Source
 from dataflare.streaming.errors import PipelineRunError
 from dataflare.streaming.executor import Executor
 from dataflare.streaming.metrics import RunSummary, StepSummary
@@ -97,7 +97,7 @@ class PipelineRun:
             if isinstance(i.plugin, Source)
         ]
         bounded = all(s.bounded for s in sources)
-        progresses = [p for p in (s.progress() for s in sources) if p is not None]
+        progresses = [p for p in (_progress_of(s) for s in sources) if p is not None]
         done = total = None
         unit = "records"
         if bounded and progresses and all(p.total for p in progresses):
@@ -200,6 +200,13 @@ class PipelineRun:
             error=str(error) if error else None,
             tables=tables,
         )
+
+
+def _progress_of(source: Source) -> Progress | None:  # type: ignore[type-arg]
+    try:
+        return source.progress()
+    except AttributeError:
+        return None  # not opened yet: its thread is still starting
 
 
 @contextmanager
