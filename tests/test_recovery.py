@@ -60,8 +60,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def write_pipeline(folder: Path, data: Path) -> Path:
     path = folder / "pipeline.yaml"
-    path.write_text(PIPELINE.format(data=data, out=folder / "out",
-                                    checkpoints=folder / "checkpoints"))
+    path.write_text(
+        PIPELINE.format(
+            data=data, out=folder / "out", checkpoints=folder / "checkpoints"
+        )
+    )
     return path
 
 
@@ -70,16 +73,28 @@ def rows(folder: Path) -> list[tuple]:
     return sorted(tuple(r.values()) for r in table.to_pylist())
 
 
-def start(path: Path, crash_at: str | None = None,
-          log_level: str = "warning") -> subprocess.Popen[bytes]:
+def start(
+    path: Path, crash_at: str | None = None, log_level: str = "warning"
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env.pop("DATAFLARE_CRASH_AT", None)
     if crash_at is not None:
         env["DATAFLARE_CRASH_AT"] = crash_at
     return subprocess.Popen(
-        [sys.executable, "-m", "dataflare.cli.main", "--log-level", log_level, "run",
-         str(path), "--no-progress"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        [
+            sys.executable,
+            "-m",
+            "dataflare.cli.main",
+            "--log-level",
+            log_level,
+            "run",
+            str(path),
+            "--no-progress",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
 
 
 def stop_after_first_checkpoint(process: subprocess.Popen[bytes], folder: Path) -> None:
@@ -104,9 +119,11 @@ def test_kill_nine_twenty_times_loses_and_repeats_nothing(
     crashing.mkdir()
     path = write_pipeline(crashing, data)
     rng = random.Random(20261204)
-    plan = (["checkpoint-write:%d" % rng.randint(1, 4) for _ in range(6)]
-            + ["sink-commit:%d" % rng.randint(1, 3) for _ in range(6)]
-            + [None] * 40)
+    plan = (
+        [f"checkpoint-write:{rng.randint(1, 4)}" for _ in range(6)]
+        + [f"sink-commit:{rng.randint(1, 3)}" for _ in range(6)]
+        + [None] * 40
+    )
     kills = 0
 
     for crash_at in plan:
@@ -142,7 +159,9 @@ def test_sigterm_checkpoint_then_resume(data: Path, tmp_path: Path) -> None:
     folder = tmp_path / "stopping"
     folder.mkdir()
     path = write_pipeline(folder, data)
-    path.write_text(path.read_text().replace("keep: 2}", "keep: 2, on_stop: checkpoint}"))
+    path.write_text(
+        path.read_text().replace("keep: 2}", "keep: 2, on_stop: checkpoint}")
+    )
     process = start(path)
 
     stop_after_first_checkpoint(process, folder / "checkpoints")
@@ -157,13 +176,30 @@ def test_sigterm_checkpoint_then_resume(data: Path, tmp_path: Path) -> None:
 
 
 def make_checkpoint(storage: CheckpointStorage, checkpoint_id: int) -> None:
-    storage.write(Checkpoint(
-        id=checkpoint_id, pipeline_id="p", created_at="now", duration_seconds=0.1,
-        finished=False, steps={"s": {"fingerprint": "f", "instances": [
-            {"position": None, "state_file": None, "state_bytes": 0, "sink": None,
-             "finished": False}]}},
-        blobs={"s-0.state": b"state %d" % checkpoint_id},
-    ))
+    storage.write(
+        Checkpoint(
+            id=checkpoint_id,
+            pipeline_id="p",
+            created_at="now",
+            duration_seconds=0.1,
+            finished=False,
+            steps={
+                "s": {
+                    "fingerprint": "f",
+                    "instances": [
+                        {
+                            "position": None,
+                            "state_file": None,
+                            "state_bytes": 0,
+                            "sink": None,
+                            "finished": False,
+                        }
+                    ],
+                }
+            },
+            blobs={"s-0.state": b"state %d" % checkpoint_id},
+        )
+    )
 
 
 def test_corrupt_checkpoint_falls_back(tmp_path: Path) -> None:
@@ -205,7 +241,9 @@ def test_no_complete_checkpoint_is_an_error(tmp_path: Path) -> None:
 
 def test_changed_pipeline_is_refused(data: Path, tmp_path: Path) -> None:
     path = write_pipeline(tmp_path, data)
-    path.write_text(path.read_text().replace("keep: 2}", "keep: 2, on_stop: checkpoint}"))
+    path.write_text(
+        path.read_text().replace("keep: 2}", "keep: 2, on_stop: checkpoint}")
+    )
     process = start(path)
     stop_after_first_checkpoint(process, tmp_path / "checkpoints")
     changed = path.read_text().replace("parallelism: 2", "parallelism: 3")

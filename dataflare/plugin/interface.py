@@ -244,7 +244,7 @@ class Source(Plugin[ConfigT]):
         """
         return None
 
-    def restore_position(self, position: Any) -> None:  # noqa: B027 - optional
+    def restore_position(self, position: Any) -> None:
         """Make the next `read()` start at a position from `snapshot_position`.
 
         Called after `open()` and before `read()` when a run resumes.
