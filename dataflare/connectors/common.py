@@ -27,6 +27,7 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
+    stop_base,
     stop_after_delay,
     wait_random_exponential,
 )
@@ -109,13 +110,14 @@ def reconnecting(
             error,
         )
 
-    def stopping(state: RetryCallState) -> bool:
-        return should_stop is not None and should_stop()
+    class _Stopping(stop_base):
+        def __call__(self, state: RetryCallState) -> bool:
+            return should_stop is not None and should_stop()
 
     retrying = Retrying(
         retry=retry_if_exception_type(errors),
         wait=wait_random_exponential(multiplier=0.1, max=max_wait),
-        stop=stop_after_delay(give_up_after) | stopping,
+        stop=stop_after_delay(give_up_after) | _Stopping(),
         before_sleep=log_retry,
         reraise=True,
     )
