@@ -27,10 +27,10 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
-    stop_base,
     stop_after_delay,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from dataflare.plugin.interface import PluginConfig
 
