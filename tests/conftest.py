@@ -18,6 +18,7 @@ class RecordingContext:
         self.parallelism = 1
         self.logger = logging.getLogger(f"dataflare.test.{step}")
         self.stopping = stopping
+        self.checkpointing = False
         self.rejected: list[tuple[Any, str, str | None]] = []
         self.side: dict[str, list[pa.RecordBatch]] = {}
         self.counters: dict[str, int] = {}

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -192,6 +193,13 @@ def test_json_logs(pipeline: Path) -> None:
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
 
 
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the pipeline"
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_unbounded_run_cleanly(tmp_path: Path, signum: int) -> None:
     data = tmp_path / "events.csv"
@@ -221,10 +229,11 @@ destinations:
         env=env,
         text=True,
     )
-    time.sleep(1.5)
+    written = tmp_path / "out.csv.inprogress"
+    wait_for(lambda: written.exists() and "2,20" in written.read_text())
     with data.open("a") as f:
         f.write("3,30\n")
-    time.sleep(0.5)
+    wait_for(lambda: "3,30" in written.read_text())
 
     process.send_signal(signum)
     _, err = process.communicate(timeout=30)

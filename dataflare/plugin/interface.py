@@ -135,6 +135,10 @@ class OperatorContext(Protocol):
     def count(self, name: str, value: int = 1) -> None:
         """Add to a named counter of this step (shown in the run summary)."""
 
+    @property
+    def checkpointing(self) -> bool:
+        """True when the run takes checkpoints."""
+
 
 ConfigT = TypeVar("ConfigT", bound=PluginConfig)
 
@@ -243,6 +247,15 @@ class Source(Plugin[ConfigT]):
         source cannot resume from a position (it then replays from the start).
         """
         return None
+
+    def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        """Learn that checkpoint `checkpoint_id` is complete and durable.
+
+        Called on the source's own thread, between two batches. Sources that
+        acknowledge messages to a broker do it here, so that unacknowledged
+        messages are delivered again after a crash. Not called when the
+        pipeline takes no checkpoints (see `OperatorContext.checkpointing`).
+        """
 
     def restore_position(self, position: Any) -> None:
         """Make the next `read()` start at a position from `snapshot_position`.

@@ -117,7 +117,8 @@ class CheckpointCoordinator:
         self._started = 0.0
         self._acks: dict[InstanceKey, tuple[InstanceState, bytes | None]] = {}
         self._finished: dict[InstanceKey, InstanceState] = {}
-        self.commit_queues: dict[InstanceKey, queue.SimpleQueue[int]] = {}
+        self.commit_queues: dict[InstanceKey, queue.SimpleQueue[int]] = {}  # sinks
+        self.notify_queues: dict[InstanceKey, queue.SimpleQueue[int]] = {}  # sources
         self.on_complete: Callable[[int], None] | None = None
         self.done = threading.Event()  # the final checkpoint is written
         self.stopped = False  # a stop checkpoint completed: no more triggers
@@ -258,5 +259,7 @@ class CheckpointCoordinator:
         )
         for commit_queue in self.commit_queues.values():
             commit_queue.put(FINAL_CHECKPOINT if finished else checkpoint_id)
+        for notify_queue in self.notify_queues.values():
+            notify_queue.put(checkpoint_id)
         if self.on_complete is not None:
             self.on_complete(checkpoint_id)

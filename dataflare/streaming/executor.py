@@ -156,6 +156,10 @@ class StepContext:
     def count(self, name: str, value: int = 1) -> None:
         self.metrics.count(name, value)
 
+    @property
+    def checkpointing(self) -> bool:
+        return self._state.coordinator is not None
+
 
 # --- routing ---------------------------------------------------------------
 
@@ -318,6 +322,13 @@ class Instance(threading.Thread):
 
 
 class SourceInstance(Instance):
+    def build_plugin(self) -> None:
+        super().build_plugin()
+        # Ids of completed checkpoints, for `Source.notify_checkpoint_complete`.
+        self.completed: queue.SimpleQueue[int] = queue.SimpleQueue()
+        if self.state.coordinator is not None:
+            self.state.coordinator.notify_queues[self.key] = self.completed
+
     def restore(self) -> None:
         self.position: dict[str, Any] = {}
         saved = self.saved()
@@ -421,11 +432,35 @@ class SourceInstance(Instance):
         generator.current = int(position["watermark"])
         self.outlet.send_watermark(generator.current, time.monotonic_ns())
 
+    def _notify_completed(self) -> None:
+        source = self.plugin
+        assert isinstance(source, Source)
+        while True:
+            try:
+                checkpoint_id = self.completed.get_nowait()
+            except queue.Empty:
+                return
+            source.notify_checkpoint_complete(checkpoint_id)
+
+    def _await_checkpoint(self, *, final: bool) -> None:
+        """Wait for the final checkpoint (or the one in flight), then notify."""
+        coordinator = self.state.coordinator
+        if coordinator is None:
+            return
+        while not self.state.abort.is_set():
+            if coordinator.done.is_set():
+                break
+            if not final and coordinator.pending() is None:
+                break
+            time.sleep(_POLL_SECONDS / 5)
+        self._notify_completed()
+
     def _checkpoint_if_pending(self) -> bool:
         """Take part in a pending checkpoint; return True to stop after it."""
         coordinator = self.state.coordinator
         if coordinator is None:
             return False
+        self._notify_completed()
         checkpoint_id = coordinator.pending()
         if checkpoint_id is None or checkpoint_id <= self.last_checkpoint:
             return False
@@ -454,6 +489,7 @@ class SourceInstance(Instance):
     def _suspend(self) -> None:
         for outlet in self.outlets():
             outlet.send_end(suspend=True)
+        self._await_checkpoint(final=False)
 
     def _end(self) -> None:
         for outlet in self.outlets():
@@ -461,6 +497,7 @@ class SourceInstance(Instance):
             outlet.send_end()
         if self.state.coordinator is not None:
             self.state.coordinator.finish(self.key, InstanceState(finished=True))
+            self._await_checkpoint(final=True)
 
     def _sorted(
         self,

@@ -74,6 +74,7 @@ class _ValidationContext:
         self.parallelism = 1
         self.logger = logging.getLogger(f"dataflare.step.{step}")
         self.stopping = False
+        self.checkpointing = False
 
     def reject(self, records: Any, reasons: Any, positions: Any = None) -> None:
         raise RuntimeError("no records flow during validation")
