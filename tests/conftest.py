@@ -19,6 +19,7 @@ class RecordingContext:
         self.logger = logging.getLogger(f"dataflare.test.{step}")
         self.stopping = stopping
         self.checkpointing = False
+        self.pipeline_id = "test"
         self.rejected: list[tuple[Any, str, str | None]] = []
         self.side: dict[str, list[pa.RecordBatch]] = {}
         self.counters: dict[str, int] = {}

@@ -139,6 +139,10 @@ class OperatorContext(Protocol):
     def checkpointing(self) -> bool:
         """True when the run takes checkpoints."""
 
+    @property
+    def pipeline_id(self) -> str:
+        """Id of the pipeline the step belongs to."""
+
 
 ConfigT = TypeVar("ConfigT", bound=PluginConfig)
 

@@ -160,6 +160,10 @@ class StepContext:
     def checkpointing(self) -> bool:
         return self._state.coordinator is not None
 
+    @property
+    def pipeline_id(self) -> str:
+        return self._state.plan.spec.id
+
 
 # --- routing ---------------------------------------------------------------
 

@@ -75,6 +75,7 @@ class _ValidationContext:
         self.logger = logging.getLogger(f"dataflare.step.{step}")
         self.stopping = False
         self.checkpointing = False
+        self.pipeline_id = "validation"
 
     def reject(self, records: Any, reasons: Any, positions: Any = None) -> None:
         raise RuntimeError("no records flow during validation")
@@ -327,6 +328,22 @@ def _check_plugin(
         raw = {}
     if not isinstance(raw, dict):
         return None  # reported by the structure check
+    mode = step.get("mode")
+    if section == "sources" and isinstance(mode, str):
+        # A source's `mode` (full, incremental, cdc) sits beside `config` in the
+        # file; plugins that support several modes read it as `config.mode`.
+        if "mode" in cls.Config.model_fields:
+            raw = {**raw, "mode": mode}
+        elif mode != "full":
+            issues.append(
+                ValidationIssue(
+                    (section, step_id, "mode"),
+                    f"source type {type_name!r} reads only in mode 'full'",
+                    value=mode,
+                    hint="remove `mode`, or use a connector that supports it",
+                )
+            )
+            return None
     try:
         return cls, cls.Config.model_validate(raw)
     except ValidationError as exc:
