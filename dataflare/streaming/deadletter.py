@@ -1,9 +1,10 @@
 """The dead-letter output: one JSON line per rejected record.
 
 Each line has the pipeline id, the step that rejected the record, the
-reason, the input position where the source knows it (`flights.csv row 17`,
-`events.jsonl line 3`), the record (an object for parsed records, the raw
-text otherwise) and the wall-clock time of rejection. The file is created
+reason, the input position where the source knows it
+(`flights.csv record 17 (line 18)`, `events.jsonl line 3`), the record (an
+object for parsed records, the raw text otherwise) and the wall-clock time
+of rejection. The file is created
 on the first rejection only, so a clean run leaves no empty file behind.
 """
 

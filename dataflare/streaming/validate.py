@@ -719,6 +719,13 @@ def _step_schema(
         for name in step.partition_key or []:
             if name not in inputs[0].names:
                 raise FieldNotFoundError(name, inputs[0].names)
+        if step.partition_key == [] and step.parallelism > 1:
+            # An empty key means state over all records: one instance only.
+            raise ConfigError(
+                f"this step keeps state over all records (no key), so it runs as "
+                f"one instance; remove `parallelism: {step.parallelism}` or set a "
+                "key to partition by"
+            )
     elif isinstance(plugin, Sink):
         step.input_schema = inputs[0]
         return

@@ -13,9 +13,11 @@ Example::
 Type names are those of a file source's `schema` (`string`, `int`, `int32`,
 `float`, `float32`, `bool`, `date`, `timestamp`, ...). Conversions:
 
-- strings are trimmed first, and an empty string becomes null;
-- `int` accepts integer text (`"42"`), whole floats (`3.0`) and booleans; a
-  value with a fraction or outside the type's range is invalid;
+- strings converted to another type are trimmed first, and an empty string
+  becomes null; a string-to-string cast keeps the text as it is;
+- `int` accepts integer text (`"42"`), whole float values of a float column
+  (`3.0`, but not the text `"3.0"`) and booleans; a value with a fraction or
+  outside the type's range is invalid;
 - `bool` accepts true/false, t/f, yes/no, y/n and 1/0 (any case), and the
   numbers 0 and 1;
 - `timestamp` parses ISO 8601 text (`2024-05-01`, `2024-05-01 10:30`,

@@ -14,7 +14,8 @@ Example, the airline's name for each flight::
           defaults: {airline: unknown}         # for keys the table lacks
 
 The table may also be given inline as `rows: [{carrier: AA, name: ...}]`.
-It is loaded once when the step opens. A key that appears more than once in
+It is read when the pipeline is validated and once more by each running
+instance before its first batch. A key that appears more than once in
 the table is a configuration error, because the match would be ambiguous.
 Records whose key is not in the table keep flowing, with the `defaults`
 (or nulls) in the added fields.
@@ -38,6 +39,8 @@ from dataflare.plugin.interface import (
     Transform,
 )
 from dataflare.transforms.expressions import to_batch, to_polars
+
+_MATCHED = "__dataflare_matched"
 
 
 class LookupTable(PluginConfig):
@@ -143,39 +146,34 @@ class EnrichmentTransform(Transform[EnrichmentConfig]):
         )
         return renamed
 
-    def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
-        lookup = self._lookup(inputs[0])
-        empty = to_polars(pa.RecordBatch.from_pylist([], schema=inputs[0]))
-        return to_batch(self._join(empty, lookup)).schema
+    _table: pl.DataFrame | None = None
 
-    def open(self) -> None:
-        self._table: pl.DataFrame | None = None
+    def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
+        self._table = self._lookup(inputs[0])
+        empty = to_polars(pa.RecordBatch.from_pylist([], schema=inputs[0]))
+        return to_batch(self._join(empty, self._table)).schema
 
     def process(
         self, batch: pa.RecordBatch, input_index: int = 0
     ) -> list[pa.RecordBatch]:
         if self._table is None:
             self._table = self._lookup(batch.schema)
-        joined = self._join(to_polars(batch), self._table)
-        missing = (
-            joined.height
-            - joined.select(
-                pl.col(self.config.stream_keys()[0]).is_in(
-                    self._table[self.config.stream_keys()[0]].implode()
-                )
-            )
-            .sum()
-            .item()
-        )
-        if missing:
-            self.context.count("unmatched", int(missing))
+        joined = self._join(to_polars(batch), self._table, count=True)
         return [to_batch(joined)]
 
-    def _join(self, df: pl.DataFrame, lookup: pl.DataFrame) -> pl.DataFrame:
+    def _join(
+        self, df: pl.DataFrame, lookup: pl.DataFrame, *, count: bool = False
+    ) -> pl.DataFrame:
         keys = self.config.stream_keys()
+        marked = lookup.with_columns(pl.lit(True).alias(_MATCHED))
         out = df.join(
-            lookup, on=keys, how="left", maintain_order="left", nulls_equal=False
+            marked, on=keys, how="left", maintain_order="left", nulls_equal=False
         )
+        if count:
+            missing = out[_MATCHED].null_count()
+            if missing:
+                self.context.count("unmatched", missing)
+        out = out.drop(_MATCHED)
         fill = [
             pl.col(name).fill_null(pl.lit(value)).alias(name)
             for name, value in self.config.defaults.items()

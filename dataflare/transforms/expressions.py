@@ -1,10 +1,11 @@
 """SQL expressions over batches, evaluated by Polars.
 
 Expressions use SQL syntax (`dep_delay > 15 AND origin = 'JFK'`). Polars
-was chosen by measurement: on 10k-row batches its expressions ran about
-26 M rows/s and its SQL about 16 M rows/s on a 2-core machine, against about
-8 M rows/s for DuckDB SQL; Arrow compute is faster still but has no
-expression parser. Polars converts Arrow batches without copying them.
+was chosen by measurement (`bench/expression_engines.py`, 10k-row batches,
+2-core AMD EPYC): its expressions ran about 9.9 M rows/s and its SQL about
+7.2 M rows/s, against about 4.9 M rows/s for DuckDB SQL. Arrow compute ran
+23.5 M rows/s but has no expression parser. Polars converts Arrow batches
+without copying them.
 """
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ The reserved `_event_time` column is kept only if the query selects it
 
 The query runs on an empty table with the input's schema before the
 pipeline starts: that finds SQL errors and misspelt fields, and gives the
-output schema. A batch on which the query fails at run time (for example a
-strict `CAST` of a value that does not convert) goes to the dead-letter
-output record by record, each with the error as the reason; `TRY_CAST`
-gives null in place of such values instead.
+output schema. When the query fails on a batch at run time (for example a
+strict `CAST` of a value that does not convert), every record of that batch
+goes to the dead-letter output with the error as the reason, good records
+included; `TRY_CAST` gives null in place of such values instead.
 """
 
 from __future__ import annotations
