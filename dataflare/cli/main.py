@@ -235,9 +235,11 @@ def _load_or_exit(path: Path, params: dict[str, Any]) -> Any:
 
 def _add_subcommands() -> None:
     from dataflare.cli.checkpoints import checkpoints, savepoint
+    from dataflare.cli.plugin import plugin
 
     cli.add_command(checkpoints)
     cli.add_command(savepoint)
+    cli.add_command(plugin)
 
 
 _add_subcommands()

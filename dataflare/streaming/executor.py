@@ -36,6 +36,7 @@ from dataflare.plugin.interface import (
     SourceBatch,
     Transform,
 )
+from dataflare.plugin.manager import default_manager
 from dataflare.state.checkpoint import (
     FINAL_CHECKPOINT,
     Checkpoint,
@@ -719,7 +720,24 @@ class TransformInstance(_ConsumerInstance):
     def on_data(self, message: Data, input_index: int) -> None:
         transform = self.plugin
         assert isinstance(transform, Transform)
-        self._emit(transform.process(message.batch, input_index), message.created_ns)
+        start = time.perf_counter()
+        try:
+            output = transform.process(message.batch, input_index)
+        except Exception:
+            self._record_call(message.batch.num_rows, start, error=True)
+            raise
+        self._record_call(message.batch.num_rows, start, error=False)
+        self._emit(output, message.created_ns)
+
+    def _record_call(self, rows: int, start: float, *, error: bool) -> None:
+        # Feeds `dataflare plugin list` and the manager's counters.
+        default_manager().record_call(
+            self.plan.section,
+            self.plan.type,
+            records=rows,
+            seconds=time.perf_counter() - start,
+            error=error,
+        )
 
     def on_watermark(self, watermark: int, created_ns: int) -> None:
         transform = self.plugin

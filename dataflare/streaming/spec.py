@@ -193,6 +193,12 @@ class CheckpointingSpec(_Model):
     run resumes where this one stopped."""
 
 
+class PluginsSpec(_Model):
+    paths: list[str] = Field(default_factory=list)
+    """Directories with Python plugin files or WebAssembly plugin manifests,
+    relative to the pipeline file."""
+
+
 class ScheduleSpec(_Model):
     cron: str | None = None
     interval: Duration | None = None
@@ -210,6 +216,7 @@ class PipelineSpec(_Model):
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     errors: ErrorsSpec = Field(default_factory=ErrorsSpec)
     checkpointing: CheckpointingSpec | None = None
+    plugins: PluginsSpec | None = None
     # NOTE: `schedule` is validated and kept; `dataflare run` runs once and
     # does not wait for it, because acting on it needs a long-lived scheduler.
     schedule: ScheduleSpec | None = None

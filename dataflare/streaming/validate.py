@@ -25,6 +25,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -125,6 +126,7 @@ def validate(
     issues: list[ValidationIssue] = list(loaded.issues)
     data = loaded.data
     spec = _check_structure(data, issues)
+    _configure_plugin_paths(data, loaded.source, issues)
     configs = _check_plugins(data, registry, issues)
     steps_specs = _step_specs(data)
     order = _check_graph(steps_specs, configs, issues)
@@ -135,6 +137,22 @@ def validate(
         _raise(issues, loaded)
     assert spec is not None
     return PipelinePlan(spec, steps, loaded.source)
+
+
+def _configure_plugin_paths(
+    data: dict[str, Any], source: str, issues: list[ValidationIssue]
+) -> None:
+    """Register the plugin directories a file names under `plugins.paths`."""
+    settings = data.get("plugins")
+    if not isinstance(settings, dict) or not settings.get("paths"):
+        return
+    from dataflare.plugin.manager import default_manager
+
+    base = Path(source).parent if not source.startswith("<") else Path.cwd()
+    try:
+        default_manager().configure(settings, base_dir=base)
+    except (ValueError, OSError) as exc:
+        issues.append(ValidationIssue(("plugins", "paths"), str(exc)))
 
 
 def _raise(issues: list[ValidationIssue], loaded: LoadedFile) -> None:

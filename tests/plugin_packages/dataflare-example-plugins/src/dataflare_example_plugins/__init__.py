@@ -1,0 +1,1 @@
+"""Example third-party DataFlare plugins, installed by the plugin tests."""
