@@ -13,8 +13,11 @@ Example, the airline's name for each flight::
           fields: {airline: name}              # output field: table field
           defaults: {airline: unknown}         # for keys the table lacks
 
-The table may also be given inline as `rows: [{carrier: AA, name: ...}]`.
-It is read when the pipeline is validated and once more by each running
+The table may also be given inline as `rows: [{carrier: AA, name: ...}]`,
+or live in Redis as `table: {redis: {url, key_prefix or hash, schema}}`
+(see `dataflare.connectors.redis.lookup`): then each batch's keys are
+looked up as it passes, with a cache. A file table is read when the
+pipeline is validated and once more by each running
 instance before its first batch. A key that appears more than once in
 the table is a configuration error, because the match would be ambiguous.
 Records whose key is not in the table keep flowing, with the `defaults`
@@ -31,6 +34,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from dataflare.connectors.redis.config import RedisTable
 from dataflare.plugin.interface import (
     FieldNotFoundError,
     PluginConfig,
@@ -49,7 +53,7 @@ class LookupTable(PluginConfig):
 
 
 class EnrichmentConfig(PluginConfig):
-    table: LookupTable | None = None
+    table: LookupTable | RedisTable | None = None
     rows: list[dict[str, Any]] | None = None
     on: str | list[str]
     table_key: str | list[str] | None = None
@@ -61,7 +65,10 @@ class EnrichmentConfig(PluginConfig):
     @model_validator(mode="after")
     def _one_table(self) -> EnrichmentConfig:
         if (self.table is None) == (self.rows is None):
-            raise ValueError("set exactly one of 'table' (a file) or 'rows' (inline)")
+            raise ValueError(
+                "set exactly one of 'table' (a file, or {redis: ...}) or 'rows' "
+                "(inline)"
+            )
         return self
 
     def stream_keys(self) -> list[str]:
@@ -85,11 +92,28 @@ class EnrichmentTransform(Transform[EnrichmentConfig]):
     )
     Config = EnrichmentConfig
 
+    def _redis(self) -> Any:
+        """Return the lookup of a `table: {redis: ...}` (imports redis-py)."""
+        from dataflare.connectors.redis.lookup import RedisLookup
+
+        assert isinstance(self.config.table, RedisTable)
+        if self.config.table_key is not None:
+            raise ValueError(
+                "table_key does not apply to a Redis table, whose keys are the "
+                "values of 'on'; remove table_key"
+            )
+        return RedisLookup(
+            self.config.table.redis,
+            on=self.config.stream_keys(),
+            fields=self.config.field_map(),
+            step=self.context.step,
+        )
+
     def _load(self) -> pl.DataFrame:
         config = self.config
         if config.rows is not None:
             return pl.DataFrame(config.rows)
-        assert config.table is not None
+        assert isinstance(config.table, LookupTable)
         path = Path(config.table.path)
         if not path.is_file():
             raise ValueError(f"lookup table file not found: {path}")
@@ -103,6 +127,8 @@ class EnrichmentTransform(Transform[EnrichmentConfig]):
         )
 
     def _lookup(self, stream: pa.Schema) -> pl.DataFrame:
+        if isinstance(self.config.table, RedisTable):
+            return self._redis_table(stream)
         table = self._load()
         keys, lookup_keys = self.config.stream_keys(), self.config.lookup_keys()
         if len(keys) != len(lookup_keys):
@@ -146,7 +172,40 @@ class EnrichmentTransform(Transform[EnrichmentConfig]):
         )
         return renamed
 
+    def _redis_table(self, stream: pa.Schema) -> pl.DataFrame:
+        """Check a Redis table's config against `stream`; return it empty."""
+        for key in self.config.stream_keys():
+            if key not in stream.names:
+                raise FieldNotFoundError(key, stream.names, where="on")
+        fields = self.config.field_map()
+        for out in fields:
+            if out in stream.names:
+                raise ValueError(
+                    f"output field {out!r} already exists in the stream; "
+                    "choose another name in 'fields'"
+                )
+        unknown = set(self.config.defaults) - set(fields)
+        if unknown:
+            raise ValueError(
+                f"defaults name fields that are not added: {sorted(unknown)}"
+            )
+        lookup = self._redis()
+        try:
+            empty: pl.DataFrame = lookup.empty_frame(stream)
+        finally:
+            lookup.close()
+        return empty
+
     _table: pl.DataFrame | None = None
+    _redis_lookup: Any = None
+
+    def open(self) -> None:
+        if isinstance(self.config.table, RedisTable):
+            self._redis_lookup = self._redis()
+
+    def close(self) -> None:
+        if self._redis_lookup is not None:
+            self._redis_lookup.close()
 
     def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
         self._table = self._lookup(inputs[0])
@@ -156,9 +215,13 @@ class EnrichmentTransform(Transform[EnrichmentConfig]):
     def process(
         self, batch: pa.RecordBatch, input_index: int = 0
     ) -> list[pa.RecordBatch]:
-        if self._table is None:
+        frame = to_polars(batch)
+        if self._redis_lookup is not None:
+            self._table = self._redis_lookup.frame(frame)
+        elif self._table is None:
             self._table = self._lookup(batch.schema)
-        joined = self._join(to_polars(batch), self._table, count=True)
+        assert self._table is not None
+        joined = self._join(frame, self._table, count=True)
         return [to_batch(joined)]
 
     def _join(
