@@ -246,3 +246,13 @@ destinations:
         "2,20",
         "3,30",
     ]
+
+
+def test_validate_rejects_non_boolean_condition(pipeline: Path) -> None:
+    pipeline.write_text(pipeline.read_text().replace('"age >= 18"', '"age + 1"'))
+
+    code, _, err = invoke("validate", str(pipeline))
+
+    assert code == 2
+    assert "transformations.adults.config.condition" in err
+    assert "not true or false" in err

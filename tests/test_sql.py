@@ -131,6 +131,8 @@ def test_sql_invalid_queries(context: Any) -> None:
         ("SELEC carrier FROM input", "invalid SQL query: sql parser error"),
         ("SELECT carrier FROM flights", "relation 'flights' was not found"),
         ("SELECT carrier, carrier FROM input", "invalid SQL query"),
+        ("DROP TABLE input", "query must be a SELECT statement"),
+        ("SHOW TABLES", "query must be a SELECT statement"),
     ]
     for query, message in cases:
         with pytest.raises(ConfigError, match=message) as e:

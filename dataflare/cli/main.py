@@ -16,6 +16,7 @@ import orjson
 
 from dataflare.cli.logs import configure_logging
 from dataflare.cli.render import ProgressDisplay, print_summary, print_validation_error
+from dataflare.state.checkpoint import CheckpointNotFoundError
 from dataflare.streaming.errors import PipelineRunError, PipelineValidationError
 
 EXIT_FAILED = 1
@@ -126,7 +127,8 @@ def run(
         )
     except PipelineRunError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
+        not_found = isinstance(exc.__cause__, CheckpointNotFoundError)
+        sys.exit(EXIT_INVALID if not_found else EXIT_FAILED)
     display = ProgressDisplay(enabled=show)
     error: PipelineRunError | None = None
     with stop_on_signals(pipeline_run), display:

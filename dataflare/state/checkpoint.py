@@ -44,6 +44,10 @@ class CheckpointError(Exception):
     """A checkpoint cannot be read or does not fit the pipeline."""
 
 
+class CheckpointNotFoundError(CheckpointError):
+    """The checkpoint directory named by the user does not exist."""
+
+
 @dataclass
 class InstanceState:
     """What one operator instance saved."""
@@ -134,6 +138,8 @@ class CheckpointStorage:
         Raises:
             CheckpointError: missing or corrupt files, named in the message.
         """
+        if not self.fs.exists(location):
+            raise CheckpointNotFoundError(f"checkpoint {location} not found")
         meta_path = f"{location.rstrip('/')}/{METADATA}"
         try:
             with self.fs.open(meta_path, "rb") as f:

@@ -139,8 +139,9 @@ class StepContext:
             where = f" at {positions[0]}" if positions and positions[0] else ""
             raise RejectedRecordError(
                 f"step {self.step!r} rejected a record{where}: {first} "
-                "(the error policy is 'fail'; use errors.policy: dead_letter to "
-                "write bad records to the dead-letter file and go on)"
+                "(errors.policy is 'fail' or --fail-fast is set; with "
+                "errors.policy: dead_letter and without --fail-fast, bad records "
+                "go to the dead-letter file and the run goes on)"
             )
         self._state.dead_letter.write(self.step, records, reasons, positions)
         self.metrics.count("rejected", count)
@@ -311,7 +312,8 @@ class Instance(threading.Thread):
                     )
         except BaseException as exc:
             if not isinstance(exc, RejectedRecordError):
-                logger.error("step %r failed: %s", self.plan.id, exc, exc_info=exc)
+                logger.error("step %r failed: %s", self.plan.id, exc)
+                logger.debug("step %r traceback", self.plan.id, exc_info=exc)
             self.state.fail(self.plan.id, exc)
 
     def work(self) -> None:
@@ -886,6 +888,7 @@ class Executor:
         self.plan = plan
         self.state = RunState(plan)
         self.savepoint_requests: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.replaying_sources: list[str] = []
         self._set_up_checkpoints(resume_from, from_scratch)
         self.instances: dict[str, list[Instance]] = {}
         for step in plan.steps.values():
@@ -942,6 +945,22 @@ class Executor:
         )
 
     def _check_checkpointable(self) -> None:
+        # A source without positions replays from its start after a crash, so
+        # outputs downstream of it can only be at-least-once.
+        self.replaying_sources = sorted(
+            {
+                i.plan.id
+                for i in self.all_instances()
+                if isinstance(i.plugin, Source)
+                and type(i.plugin).snapshot_position is Source.snapshot_position
+            }
+        )
+        if self.replaying_sources:
+            logger.warning(
+                "sources %s cannot resume from a position: after a crash they "
+                "start over, so this run's outputs are at-least-once",
+                ", ".join(self.replaying_sources),
+            )
         for instance in self.all_instances():
             plugin = instance.plugin
             if (

@@ -174,6 +174,8 @@ class PipelineRun:
                 info = instance.plugin.info()
                 outputs.setdefault(instance.plan.id, []).extend(info.paths)
                 delivery[instance.plan.id] = info.delivery
+                if self.executor.replaying_sources:
+                    delivery[instance.plan.id] = "at-least-once"
                 if info.table is not None:
                     tables[instance.plan.id] = info.table
         p50, p99 = state.latency.percentiles(0.5, 0.99)

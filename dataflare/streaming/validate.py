@@ -131,7 +131,9 @@ def validate(
     steps_specs = _step_specs(data)
     order = _check_graph(steps_specs, configs, issues)
     steps = _build_steps(data, steps_specs, configs, order)
-    if check_fields:
+    # Schemas flow along the graph, so field checks need a sound graph:
+    # duplicate ids or a wrong number of inputs would give false findings.
+    if check_fields and _graph_sound(data, steps):
         _check_fields(steps, issues)
     if spec is None or issues:
         _raise(issues, loaded)
@@ -153,6 +155,22 @@ def _configure_plugin_paths(
         default_manager().configure(settings, base_dir=base)
     except (ValueError, OSError) as exc:
         issues.append(ValidationIssue(("plugins", "paths"), str(exc)))
+
+
+def _graph_sound(data: dict[str, Any], steps: dict[str, StepPlan]) -> bool:
+    seen: set[str] = set()
+    for section in SECTIONS:
+        ids = data.get(section)
+        if isinstance(ids, dict):
+            if seen & set(ids):
+                return False
+            seen |= set(ids)
+    for step in steps.values():
+        expected = getattr(step.plugin_cls, "input_count", None)
+        if step.section == "transformations" and expected is not None:
+            if len(step.inputs) != expected:
+                return False
+    return True
 
 
 def _raise(issues: list[ValidationIssue], loaded: LoadedFile) -> None:

@@ -22,6 +22,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from dataflare.plugin.interface import (
+    ConfigError,
     PluginConfig,
     PluginKind,
     PluginMetadata,
@@ -56,7 +57,15 @@ class FilterTransform(Transform[FilterConfig]):
                     "all inputs of a filter must have the same fields and types; "
                     f"got {inputs[0].names} and {other.names}"
                 )
-        check_expression(self.config.condition, inputs[0], where="condition")
+        expr = check_expression(self.config.condition, inputs[0], where="condition")
+        empty = to_polars(pa.RecordBatch.from_pylist([], schema=inputs[0]))
+        dtype = empty.select(expr.alias("condition")).schema["condition"]
+        if dtype not in (pl.Boolean, pl.Null):
+            raise ConfigError(
+                f"condition {self.config.condition!r} gives {dtype}, not true or "
+                "false; write a comparison such as 'age >= 18'",
+                where="condition",
+            )
         return inputs[0]
 
     def open(self) -> None:

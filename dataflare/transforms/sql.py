@@ -95,6 +95,13 @@ class SqlTransform(Transform[SqlConfig]):
                 f"batch as table {self.config.table!r}",
                 where="query",
             ) from None
+        first_word = self.config.query.lstrip(" (\n\t").split(None, 1)[:1]
+        if not first_word or first_word[0].upper() not in ("SELECT", "WITH"):
+            raise ConfigError(
+                "query must be a SELECT statement (or WITH ... SELECT); "
+                f"got {self.config.query[:40]!r}",
+                where="query",
+            )
         return _arrow_schema(result, schema)
 
     def open(self) -> None:
