@@ -257,3 +257,46 @@ def test_changed_pipeline_is_refused(data: Path, tmp_path: Path) -> None:
         return  # the first run completed before the signal: nothing to resume
     assert resumed.returncode == 1
     assert "step 'hourly' changed" in text
+
+
+def test_drained_follow_run_resumes_where_it_stopped(tmp_path: Path) -> None:
+    data = tmp_path / "events.csv"
+    data.write_text("id,v\n1,10\n2,20\n")
+    path = tmp_path / "follow.yaml"
+    path.write_text(f"""
+id: follow
+sources:
+  events: {{type: csv, config: {{path: {data}, follow: true, poll_interval: 20ms}}}}
+destinations:
+  out: {{type: csv, inputs: [events], config: {{path: {tmp_path / "out"}}}}}
+checkpointing: {{interval: 50ms, storage: {tmp_path / "checkpoints"}}}
+""")
+    out = tmp_path / "out"
+
+    def visible_rows() -> list[str]:
+        if not out.exists():
+            return []
+        return sorted(
+            line
+            for part in out.glob("part-*.csv")
+            for line in part.read_text().splitlines()[1:]
+        )
+
+    first = start(path)
+    deadline = time.monotonic() + 60
+    while len(visible_rows()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=60)
+    with data.open("a") as f:
+        f.write("3,30\n")
+    second = start(path, log_level="info")
+    while len(visible_rows()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second.send_signal(signal.SIGINT)
+    _, err = second.communicate(timeout=60)
+
+    assert first.returncode == 0
+    assert second.returncode == 0, err.decode()[-2000:]
+    assert "resuming from checkpoint" in err.decode()
+    assert visible_rows() == ["1,10", "2,20", "3,30"]

@@ -205,7 +205,10 @@ class CheckpointCoordinator:
         states: dict[InstanceKey, tuple[InstanceState | None, bytes | None]] = {
             k: (self._finished[k], None) for k in self.instances
         }
-        self._write(checkpoint_id, states, finished=True, location=None)
+        # Finished only if every input ended; a source stopped by a signal
+        # keeps a position that the next run resumes from.
+        finished = all(state.finished for state in self._finished.values())
+        self._write(checkpoint_id, states, finished=finished, location=None)
         self.done.set()
 
     def _write(

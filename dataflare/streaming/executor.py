@@ -503,7 +503,13 @@ class SourceInstance(Instance):
             outlet.send_watermark(MAX_TIME, time.monotonic_ns())
             outlet.send_end()
         if self.state.coordinator is not None:
-            self.state.coordinator.finish(self.key, InstanceState(finished=True))
+            if self.state.stop.is_set() and not getattr(self, "finished_before", False):
+                # Stopped before its input ended: keep the position, so that
+                # the next run goes on from here instead of starting over.
+                state = InstanceState(position=self._position(), finished=False)
+            else:
+                state = InstanceState(finished=True)
+            self.state.coordinator.finish(self.key, state)
             self._await_checkpoint(final=True)
 
     def _sorted(
