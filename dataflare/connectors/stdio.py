@@ -21,6 +21,14 @@ one line, so quoted values cannot contain line breaks.
 
 `StdoutSink` writes each batch as JSON lines to standard output and flushes
 it, so a downstream program receives every batch as soon as it is written.
+
+Standard input cannot be read again, so the source reports no checkpoint
+position: it keeps `Source.snapshot_position`, which returns None, and the
+engine then labels the pipeline's outputs at least once. After a crash the
+resumed run reads only what arrives on its own standard input. Lines read
+after the last checkpoint by the run that crashed are lost unless the
+program feeding it sends them again. With a feeder that does so, stdin is
+at least once; it is never exactly once.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from dataflare.plugin.interface import (
     Transform,
 )
 from dataflare.plugin.manager import default_manager
+from dataflare.state.backends import StateBackendSettings
 from dataflare.state.checkpoint import (
     FINAL_CHECKPOINT,
     Checkpoint,
@@ -165,6 +166,13 @@ class StepContext:
     @property
     def pipeline_id(self) -> str:
         return self._state.plan.spec.id
+
+    @property
+    def state_backend(self) -> StateBackendSettings:
+        spec = self._state.plan.spec.checkpointing
+        if spec is None:
+            return StateBackendSettings()
+        return StateBackendSettings(spec.state_backend, spec.state_dir)
 
 
 # --- routing ---------------------------------------------------------------

@@ -187,6 +187,12 @@ class CheckpointingSpec(_Model):
     checkpoints; `{pipeline_id}` is replaced."""
     keep: int = Field(default=3, ge=1)
     """Number of complete checkpoints kept; older ones are deleted."""
+    state_backend: Literal["memory", "disk"] = "memory"
+    """Where keyed state (dedupe, aggregate, plugins) lives: `memory`, or
+    `disk` (RocksDB files in `state_dir`) for state larger than memory."""
+    state_dir: str | None = None
+    """Folder for the disk backend's working files; the system temp folder if
+    unset."""
     on_stop: Literal["drain", "checkpoint"] = "drain"
     """What SIGINT or SIGTERM does: `drain` ends the inputs and emits every
     open window; `checkpoint` takes a final checkpoint and exits, so the next

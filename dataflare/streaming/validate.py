@@ -167,9 +167,9 @@ def _graph_sound(data: dict[str, Any], steps: dict[str, StepPlan]) -> bool:
             seen |= set(ids)
     for step in steps.values():
         expected = getattr(step.plugin_cls, "input_count", None)
-        if step.section == "transformations" and expected is not None:
-            if len(step.inputs) != expected:
-                return False
+        transformation = step.section == "transformations"
+        if transformation and expected is not None and len(step.inputs) != expected:
+            return False
     return True
 
 

@@ -41,7 +41,9 @@ results. Output records have no `_event_time`.
 
 `count`, `sum`, `min`, `max` and `mean` keep a few numbers per group.
 `count_distinct` keeps every distinct value of each group and `percentile`
-keeps every value, so their memory grows with the input.
+keeps every value, so their memory grows with the input. All of it is keyed
+state in the pipeline's state backend (in memory, or on disk with
+`checkpointing.state_backend: disk`), saved in checkpoints.
 
 With `parallelism` above 1, records are partitioned by `group_by`, so each
 instance owns whole groups. An aggregation without `group_by` runs as one
@@ -53,6 +55,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
@@ -65,6 +68,17 @@ from dataflare.plugin.interface import (
     PluginMetadata,
     Transform,
 )
+from dataflare.state.keyed import (
+    BYTES,
+    FLOAT64,
+    JSON,
+    KeyedStateStore,
+    RowCodec,
+    encode_keys,
+    from_physical,
+    physical,
+    row_kinds,
+)
 from dataflare.transforms.cast import type_kind
 from dataflare.transforms.expressions import to_polars
 
@@ -75,7 +89,9 @@ NUMERIC_FUNCTIONS = ("sum", "mean", "percentile")
 ORDERED_KINDS = ("integer", "float", "string", "bool", "timestamp", "date")
 _GROUP = "__group"  # constant key when there is no group_by
 _ROWS = "__rows"  # records per group, so that every group has a state row
-_COMPACT_AFTER = 64  # value frames kept before concatenating them
+_SEQ = "__seq"  # number of the group's first record, for the output order
+_KEY = "__key"  # encoded group key
+_META = b"meta"  # key of the operator's counters in the `meta` state
 
 
 class Aggregation(PluginConfig):
@@ -137,6 +153,7 @@ class AggregateTransform(Transform[AggregateConfig]):
         "aggregate", PluginKind.AGGREGATE, "Keyed running aggregations"
     )
     Config = AggregateConfig
+    stateful = True
 
     # Output schema: from `output_schema` when the engine calls it on this
     # instance, else from the first batch.
@@ -152,6 +169,7 @@ class AggregateTransform(Transform[AggregateConfig]):
         for name, aggregation in self.config.aggregations.items():
             fields.append(pa.field(name, _result_type(name, aggregation, schema)))
         self._schema = pa.schema(fields)
+        self._input_schema = schema
         return self._schema
 
     def partition_key(self) -> list[str] | None:
@@ -165,10 +183,23 @@ class AggregateTransform(Transform[AggregateConfig]):
                 "parallelism: 1 or add group_by"
             )
         self._keys = list(self.config.group_by) or [_GROUP]
-        self._state: pl.DataFrame | None = None
-        self._values: dict[str, list[pl.DataFrame]] = {}
-        self._changed: list[pl.DataFrame] = []
-        self._since_emit = 0
+        self._store = KeyedStateStore.for_operator(self.context)
+        # Group keys of the groups changed since the last `emit_every` output.
+        self._changed = self._store.value_state("changed", BYTES)
+        # Counters: next group number and records since the last output.
+        self._meta = self._store.value_state("meta", JSON)
+        self._layout: _Layout | None = None
+
+    def close(self) -> None:
+        store = getattr(self, "_store", None)
+        if store is not None:
+            store.close()
+
+    def snapshot_state(self) -> bytes | None:
+        return self._store.snapshot()
+
+    def restore_state(self, state: bytes) -> None:
+        self._store.restore(state)
 
     def process(
         self, batch: pa.RecordBatch, input_index: int = 0
@@ -178,18 +209,22 @@ class AggregateTransform(Transform[AggregateConfig]):
         if batch.num_rows == 0:
             return []
         frame = self._keyed(to_polars(batch))
-        self._update_state(frame)
+        meta = self._meta.get(_META) or {"next_group": 0, "since_emit": 0}
+        changed = self._update_state(frame, meta)
         self._keep_values(frame)
         if self.config.emit_every is None:
+            self._meta.put(_META, meta)
             return []
-        self._changed.append(frame.select(self._keys).unique())
-        self._since_emit += batch.num_rows
-        if self._since_emit < self.config.emit_every:
+        self._changed.put_many((key, b"") for key in changed)
+        meta["since_emit"] += batch.num_rows
+        if meta["since_emit"] < self.config.emit_every:
+            self._meta.put(_META, meta)
             return []
-        self._since_emit = 0
-        changed = pl.concat(self._changed).unique()
-        self._changed = []
-        return self._emit(changed)
+        meta["since_emit"] = 0
+        self._meta.put(_META, meta)
+        keys = [key for key, _ in self._changed.items()]
+        self._changed.delete_many(keys)
+        return self._emit(keys)
 
     def finish(self) -> list[pa.RecordBatch]:
         if self._schema is None:
@@ -206,24 +241,51 @@ class AggregateTransform(Transform[AggregateConfig]):
 
     # --- state -------------------------------------------------------------
 
-    def _update_state(self, frame: pl.DataFrame) -> None:
-        """Merge this batch's partial aggregates into the running state."""
+    def _state_exprs(self) -> tuple[list[pl.Expr], list[pl.Expr]]:
+        """Return the partial expressions of a batch and those merging partials."""
         assert self._schema is not None
         partial_exprs = [pl.len().cast(pl.Int64).alias(_ROWS)]
-        merge_exprs = [pl.col(_ROWS).sum()]
+        merge_exprs = [pl.col(_ROWS).sum(), pl.col(_SEQ).min()]
         for name, aggregation in self.config.aggregations.items():
             result_type = self._schema.field(name).type
             partial, merge = _state_exprs(name, aggregation, result_type)
             partial_exprs.extend(partial)
             merge_exprs.extend(merge)
-        partial_state = frame.group_by(self._keys, maintain_order=True).agg(
-            partial_exprs
+        return partial_exprs, merge_exprs
+
+    def _accumulators(self) -> _Layout:
+        """Return the layout of the per-group state rows, made on first use."""
+        if self._layout is None:
+            assert self._schema is not None
+            empty = pl.from_arrow(self._input_schema.empty_table())
+            assert isinstance(empty, pl.DataFrame)
+            partial_exprs, _ = self._state_exprs()
+            rows = self._keyed(empty).group_by(self._keys).agg(partial_exprs)
+            rows = rows.with_columns(pl.lit(0, pl.Int64).alias(_SEQ))
+            self._layout = _Layout(self._store, rows.schema, physical(rows).schema)
+        return self._layout
+
+    def _update_state(self, frame: pl.DataFrame, meta: dict[str, int]) -> list[bytes]:
+        """Merge this batch's partial aggregates into the state; return its keys."""
+        layout = self._accumulators()
+        partial_exprs, merge_exprs = self._state_exprs()
+        partial = frame.group_by(self._keys, maintain_order=True).agg(partial_exprs)
+        partial = partial.with_columns(
+            (pl.int_range(pl.len(), dtype=pl.Int64) + meta["next_group"]).alias(_SEQ)
         )
-        if self._state is None:
-            self._state = partial_state
-            return
-        both = pl.concat([self._state, partial_state])
-        self._state = both.group_by(self._keys, maintain_order=True).agg(merge_exprs)
+        meta["next_group"] += partial.height
+        partial = physical(partial.select(layout.logical.names()))
+        keys = encode_keys(partial, self._keys)
+        earlier = [row for row in layout.state.get_encoded(keys) if row is not None]
+        if earlier:
+            known = layout.codec.decode_frame(earlier, layout.physical)
+            both = pl.concat([known, partial])
+            merged = both.group_by(self._keys, maintain_order=True).agg(merge_exprs)
+            partial = merged.select(layout.physical.names())
+            keys = encode_keys(partial, self._keys)
+        rows = layout.codec.encode_frame(partial)
+        layout.state.put_encoded(zip(keys, rows, strict=True))
+        return keys
 
     def _keep_values(self, frame: pl.DataFrame) -> None:
         """Keep the values that count_distinct and percentile need at the end."""
@@ -233,40 +295,58 @@ class AggregateTransform(Transform[AggregateConfig]):
             assert aggregation.field is not None
             values = frame.select([*self._keys, pl.col(aggregation.field).alias(name)])
             values = values.drop_nulls(name)
+            if not values.height:
+                continue
             if aggregation.fn == "count_distinct":
-                values = values.unique()
-            parts = self._values.setdefault(name, [])
-            parts.append(values)
-            if len(parts) > _COMPACT_AFTER:
-                self._values[name] = [self._compact(name, aggregation)]
-
-    def _compact(self, name: str, aggregation: Aggregation) -> pl.DataFrame:
-        values = pl.concat(self._values[name])
-        return values.unique() if aggregation.fn == "count_distinct" else values
+                values = physical(values.unique(maintain_order=True))
+                codec = RowCodec(row_kinds(values.select(name).schema))
+                distinct = self._store.map_state(f"distinct:{name}", codec, BYTES)
+                keys = encode_keys(values, self._keys)
+                distinct.put_many(
+                    (key, (value,), b"")
+                    for key, value in zip(keys, values[name].to_list(), strict=True)
+                )
+                continue
+            lists = values.group_by(self._keys, maintain_order=True).agg(
+                pl.col(name).cast(pl.Float64)
+            )
+            keys = encode_keys(lists, self._keys)
+            numbers = self._store.list_state(f"values:{name}", FLOAT64)
+            numbers.add_many(list(zip(keys, lists[name].to_list(), strict=True)))
 
     # --- results -----------------------------------------------------------
 
-    def _emit(self, changed: pl.DataFrame | None) -> list[pa.RecordBatch]:
+    def _emit(self, changed: list[bytes] | None) -> list[pa.RecordBatch]:
         """Return the results of the `changed` groups, or of all groups."""
         assert self._schema is not None
-        results = self._results()
-        if changed is not None:
-            results = results.join(
-                changed,
-                on=self._keys,
-                how="semi",
-                nulls_equal=True,
-                maintain_order="left",
-            )
+        results = self._results(changed)
         if not self.config.group_by:
             results = results.drop(_GROUP)
         table = results.select(self._schema.names).to_arrow().cast(self._schema)
         return [part for part in table.combine_chunks().to_batches() if part.num_rows]
 
-    def _results(self) -> pl.DataFrame:
-        if self._state is None:
+    def _group_rows(
+        self, changed: list[bytes] | None
+    ) -> tuple[list[bytes], list[bytes]]:
+        """Return the keys and encoded state rows of the `changed` groups, or all."""
+        layout = self._accumulators()
+        if changed is None:
+            pairs = list(layout.state.items_encoded())
+        else:
+            found = layout.state.get_encoded(changed)
+            pairs = [(k, row) for k, row in zip(changed, found, strict=True) if row]
+        return [key for key, _ in pairs], [row for _, row in pairs]
+
+    def _results(self, changed: list[bytes] | None) -> pl.DataFrame:
+        layout = self._accumulators()
+        keys, rows = self._group_rows(changed)
+        if not rows and changed is None:
             return self._empty_results()
-        results = self._state.select(
+
+        state = layout.codec.decode_frame(rows, layout.physical)
+        state = from_physical(state, layout.logical)
+        state = state.with_columns(pl.Series(_KEY, keys, dtype=pl.Binary)).sort(_SEQ)
+        results = state.select(
             [
                 *self._keys,
                 *(
@@ -276,21 +356,27 @@ class AggregateTransform(Transform[AggregateConfig]):
                 ),
             ]
         )
+
+        ordered = state[_KEY].to_list()
         for name, aggregation in self.config.aggregations.items():
-            if aggregation.fn in ("count_distinct", "percentile"):
-                values = self._compact(name, aggregation)
-                self._values[name] = [values]
-                per_group = values.group_by(self._keys).agg(
-                    _value_expr(name, aggregation)
-                )
-                results = results.join(
-                    per_group,
-                    on=self._keys,
-                    how="left",
-                    nulls_equal=True,
-                    maintain_order="left",
-                ).with_columns(_fill_value_result(name, aggregation))
+            if aggregation.fn == "count_distinct":
+                counts = self._distinct_counts(name, ordered, changed is None)
+                results = results.with_columns(pl.Series(name, counts, pl.Int64))
+            elif aggregation.fn == "percentile":
+                numbers = self._store.list_state(f"values:{name}", FLOAT64)
+                q = aggregation.q or 0.0
+                quantiles = [
+                    _quantile(values, q) for values in numbers.get_many(ordered)
+                ]
+                results = results.with_columns(pl.Series(name, quantiles, pl.Float64))
         return results
+
+    def _distinct_counts(self, name: str, keys: list[bytes], every: bool) -> list[int]:
+        distinct = self._store.map_state(f"distinct:{name}", BYTES, BYTES)
+        if every:
+            sizes = distinct.sizes()
+            return [sizes.get(key, 0) for key in keys]
+        return [distinct.size(key) for key in keys]
 
     def _empty_results(self) -> pl.DataFrame:
         """Return no groups, or one all-empty group when there is no group_by."""
@@ -305,6 +391,30 @@ class AggregateTransform(Transform[AggregateConfig]):
         }
         only_row = pl.DataFrame([row], schema=empty.schema)
         return only_row.with_columns(pl.lit(0, dtype=pl.Int8).alias(_GROUP))
+
+
+class _Layout:
+    """Per-group state rows: their fields, with and without physical types."""
+
+    def __init__(
+        self, store: KeyedStateStore, logical: pl.Schema, physical: pl.Schema
+    ) -> None:
+        self.logical = logical
+        self.physical = physical
+        self.codec = RowCodec(row_kinds(physical))
+        self.state = store.value_state("groups", self.codec)
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    """Return the `q` quantile with linear interpolation, as Polars computes it."""
+    if not values:
+        return None
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
+    position = q * (len(ordered) - 1)
+    low = int(np.floor(position))
+    high = int(np.ceil(position))
+    value = ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    return float(value)
 
 
 def _result_type(name: str, aggregation: Aggregation, schema: pa.Schema) -> pa.DataType:

@@ -29,6 +29,11 @@ be its duplicate. A late record (one behind the watermark) is compared only
 with the times still kept, so a late duplicate may pass. A record without
 an event time goes to the dead-letter output.
 
+The kept times are keyed state (a list state per key, with a time to live
+of `within`), so they live in the pipeline's state backend (in memory, or
+on disk with `checkpointing.state_backend: disk`) and are saved in
+checkpoints.
+
 With `parallelism` above 1, records are partitioned by `key`.
 """
 
@@ -51,14 +56,11 @@ from dataflare.plugin.interface import (
     PluginMetadata,
     Transform,
 )
+from dataflare.state.keyed import INT64, KeyedStateStore, encode_keys
 from dataflare.streaming.spec import Duration
 from dataflare.streaming.time import micros
 from dataflare.streaming.validate import requires_event_time
 from dataflare.transforms.expressions import to_polars
-
-_TIME = "__time"
-_ROW = "__row"
-_INT64_MIN = -(2**63)
 
 
 class DedupeConfig(PluginConfig):
@@ -90,6 +92,7 @@ class DedupeTransform(Transform[DedupeConfig]):
         "dedupe", PluginKind.FILTER, "Drop duplicate records by key and event time"
     )
     Config = DedupeConfig
+    stateful = True
 
     def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
         schema = inputs[0]
@@ -104,9 +107,15 @@ class DedupeTransform(Transform[DedupeConfig]):
 
     def open(self) -> None:
         self._within = micros(self.config.within.total_seconds())
-        # Key fields and event time (µs, column _TIME) of the kept records
-        # that on-time records may still duplicate.
-        self._state: pl.DataFrame | None = None
+        self._store = KeyedStateStore.for_operator(self.context)
+        # Event times (µs) of the kept records of each key that on-time
+        # records may still duplicate.
+        self._kept = self._store.list_state("kept", INT64, ttl=self._within)
+
+    def close(self) -> None:
+        store = getattr(self, "_store", None)
+        if store is not None:
+            store.close()
 
     def process(
         self, batch: pa.RecordBatch, input_index: int = 0
@@ -114,6 +123,8 @@ class DedupeTransform(Transform[DedupeConfig]):
         if batch.num_rows == 0:
             return []
         batch = self._reject_timeless(batch)
+        if batch.num_rows == 0:
+            return []
         keep = self._keep_mask(batch)
         duplicates = int(batch.num_rows - np.count_nonzero(keep))
         if duplicates:
@@ -122,11 +133,15 @@ class DedupeTransform(Transform[DedupeConfig]):
         return [kept] if kept.num_rows else []
 
     def on_watermark(self, watermark: int) -> list[pa.RecordBatch]:
-        """Drop kept times that no on-time record can be within `within` of."""
-        if self._state is not None:
-            threshold = max(watermark - self._within, _INT64_MIN)
-            self._state = self._state.filter(pl.col(_TIME) > threshold)
+        """Advance the state's clock: kept times `within` behind it expire."""
+        self._store.advance_watermark(watermark)
         return []
+
+    def snapshot_state(self) -> bytes | None:
+        return self._store.snapshot()
+
+    def restore_state(self, state: bytes) -> None:
+        self._store.restore(state)
 
     def _reject_timeless(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         times = batch.column(EVENT_TIME)
@@ -142,43 +157,41 @@ class DedupeTransform(Transform[DedupeConfig]):
 
     def _keep_mask(self, batch: pa.RecordBatch) -> np.ndarray:
         """Return which records to keep, and add the kept ones to the state."""
-        keys = self.config.key
-        times = batch.column(EVENT_TIME).cast(pa.int64())
-        frame = to_polars(batch.select(keys)).with_columns(
-            pl.Series(_TIME, times.to_numpy(zero_copy_only=False))
-        )
-        # Only records whose key repeats in the batch or is in the state can
-        # be duplicates. The others are kept without the per-record loop.
-        repeated = frame.select(pl.len().over(keys) > 1).to_series()
+        frame = to_polars(batch.select(self.config.key))
+        keys = encode_keys(frame, self.config.key)
+        times = batch.column(EVENT_TIME).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        earlier = self._earlier_times(keys)
+        # Only records whose key repeats in the batch or has kept times can
+        # be duplicates. The others are kept without comparing times.
+        repeated = frame.select(pl.len().over(self.config.key) > 1).to_series()
         candidate = repeated.to_numpy().copy()
-        if self._state is not None and self._state.height:
-            known = frame.with_row_index(_ROW).join(
-                self._state.select(keys).unique(), on=keys, how="semi", nulls_equal=True
-            )
-            candidate[known[_ROW].to_numpy()] = True
+        for row, key in enumerate(keys):
+            if key in earlier:
+                candidate[row] = True
         keep = np.ones(batch.num_rows, dtype=bool)
-        rows = np.flatnonzero(candidate)
-        if len(rows):
-            keep[rows] = self._check_candidates(frame[rows])
-        kept = frame.filter(pl.Series(keep))
-        self._state = kept if self._state is None else pl.concat([self._state, kept])
-        return keep
-
-    def _check_candidates(self, candidates: pl.DataFrame) -> np.ndarray:
-        """Decide record by record, in arrival order, which candidates to keep."""
-        keys = self.config.key
-        earlier: dict[tuple[object, ...], list[int]] = {}
-        if self._state is not None:
-            relevant = self._state.join(
-                candidates.select(keys).unique(), on=keys, how="semi", nulls_equal=True
-            )
-            for *key, time in relevant.iter_rows():
-                earlier.setdefault(tuple(key), []).append(time)
-        keep = np.ones(candidates.height, dtype=bool)
-        for row, (*key, time) in enumerate(candidates.iter_rows()):
-            times = earlier.setdefault(tuple(key), [])
-            if any(abs(time - other) < self._within for other in times):
+        changed: dict[bytes, list[int]] = {}
+        for row in np.flatnonzero(~candidate).tolist():
+            changed[keys[row]] = [int(times[row])]
+        for row in np.flatnonzero(candidate).tolist():
+            key, time = keys[row], int(times[row])
+            kept = changed.get(key)
+            if kept is None:
+                kept = changed[key] = list(earlier.get(key, []))
+            if any(abs(time - other) < self._within for other in kept):
                 keep[row] = False
             else:
-                times.append(time)
+                kept.append(time)
+        items = list(changed.items())
+        self._kept.update_many(items, time=[max(kept) for _, kept in items])
         return keep
+
+    def _earlier_times(self, keys: list[bytes]) -> dict[bytes, list[int]]:
+        """Return the kept times of `keys` that on-time records may duplicate."""
+        unique = list(dict.fromkeys(keys))
+        threshold = self._store.watermark - self._within
+        earlier = {}
+        for key, kept in zip(unique, self._kept.get_many(unique), strict=True):
+            live = [time for time in kept if time > threshold]
+            if live:
+                earlier[key] = live
+        return earlier

@@ -39,14 +39,21 @@ Semantics:
 - Give the table's source no `event_time`. Its watermark then stays at the
   start until it ends, so buffered stream records are not late for later
   time-based steps.
+- Checkpoints save the table rows read so far and the stream records that
+  wait, as Arrow IPC. The table stays in memory, not in the keyed state
+  backend, because each stream batch is joined in one vectorized lookup,
+  which per-key reads from a backend would turn into one read per record.
 """
 
 from __future__ import annotations
 
+import io
+import struct
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+import orjson
 import polars as pl
 import pyarrow as pa
 from pydantic import Field, model_validator
@@ -134,6 +141,7 @@ class JoinTransform(Transform[JoinConfig]):
     )
     Config = JoinConfig
     input_count = 2
+    stateful = True
 
     # Schema of the table input: from `output_schema` when the engine calls
     # it on this instance, else from the first table batch.
@@ -242,6 +250,47 @@ class JoinTransform(Transform[JoinConfig]):
 
     def finish(self) -> list[pa.RecordBatch]:
         return self.on_input_end(TABLE)
+
+    # --- checkpoints ---
+
+    def snapshot_state(self) -> bytes | None:
+        built = self._lookup is not None
+        if built:
+            table_batches = [] if self._table is None else self._table.to_batches()
+        else:
+            table_batches = self._table_parts
+        header = orjson.dumps({"built": built, "waiting_rows": self._waiting_rows})
+        parts = [
+            header,
+            _ipc(table_batches, self._table_schema),
+            _ipc(self._waiting, None),
+        ]
+        return b"".join(_SIZE.pack(len(part)) + part for part in parts)
+
+    def restore_state(self, state: bytes) -> None:
+        parts = []
+        offset = 0
+        while offset < len(state):
+            (size,) = _SIZE.unpack_from(state, offset)
+            parts.append(state[offset + _SIZE.size : offset + _SIZE.size + size])
+            offset += _SIZE.size + size
+        if len(parts) != 3:
+            raise ValueError(
+                f"join step {self.context.step!r}: saved state has {len(parts)} "
+                "parts instead of 3; the checkpoint is corrupt, so run with "
+                "--from-scratch"
+            )
+        header, table, waiting = parts
+        settings = orjson.loads(header)
+        self._table_parts = _read_ipc(table)
+        if self._table_parts and self._table_schema is None:
+            self._table_schema = self._table_parts[0].schema
+        self._waiting = _read_ipc(waiting)
+        self._waiting_rows = int(settings["waiting_rows"])
+        self._table = None
+        self._lookup = None
+        if settings["built"]:
+            self._build_lookup()
 
     def _add_table(self, batch: pa.RecordBatch) -> None:
         if self._lookup is not None:
@@ -359,6 +408,27 @@ class JoinTransform(Transform[JoinConfig]):
                 values = self._table.column(name).combine_chunks()
                 columns.append((field.name, values.take(indices)))
         return columns
+
+
+_SIZE = struct.Struct(">Q")
+
+
+def _ipc(batches: Sequence[pa.RecordBatch], schema: pa.Schema | None) -> bytes:
+    """Return `batches` as an Arrow IPC stream (empty bytes if no schema)."""
+    schema = batches[0].schema if batches else schema
+    if schema is None:
+        return b""
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return sink.getvalue()
+
+
+def _read_ipc(data: bytes) -> list[pa.RecordBatch]:
+    if not data:
+        return []
+    return [batch for batch in pa.ipc.open_stream(pa.py_buffer(data)) if batch.num_rows]
 
 
 def _align_key_types(

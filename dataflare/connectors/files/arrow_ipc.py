@@ -93,6 +93,14 @@ class BatchFile:
         The progress is in the source's unit and counts from the file's start.
         """
 
+    def skip_to(self, rows: int) -> int:
+        """Make `batches` start at or before record `rows`; return where it starts.
+
+        Formats that can seek skip whole units (Parquet row groups) here; the
+        default skips nothing, and the caller drops records it reads again.
+        """
+        return 0
+
     def close(self) -> None:
         """Release the file."""
 
@@ -123,6 +131,13 @@ class RecordBatchFileSource(Source[ConfigT], Generic[ConfigT]):
         # progress() may be called from another thread before open().
         self._done = 0
         self._sizes: dict[Path, int] = {}
+        # Checkpoint positions: files read to their end, the file being read
+        # and its records read so far (rejected ones included).
+        self._finished: set[str] = set()
+        self._current: str | None = None
+        self._current_rows = 0
+        self._file_start = 0  # progress when the file being read was opened
+        self._resume: dict[str, Any] | None = None
 
     def schema(self) -> pa.Schema:
         declared = self.config.declared_schema()
@@ -183,26 +198,61 @@ class RecordBatchFileSource(Source[ConfigT], Generic[ConfigT]):
         total = max(sum(self._sizes.values()), self._done)
         return Progress(done=self._done, total=total, unit=self.progress_unit)
 
+    # --- checkpoints ---
+
+    def snapshot_position(self) -> Any:
+        """Return the files read to their end and the records read of the next.
+
+        `rows` counts the records of `file` already emitted or rejected; a
+        resumed run skips them.
+        """
+        return {
+            "done": sorted(self._finished),
+            "file": self._current,
+            "rows": self._current_rows,
+            # Progress before the file being read, which a resumed run reads
+            # again from its start (skipping `rows` records).
+            "progress": self._done if self._current is None else self._file_start,
+        }
+
+    def restore_position(self, position: Any) -> None:
+        if not position:
+            return
+        self._finished = set(position["done"])
+        self._resume = position
+        self._done = int(position.get("progress", 0))
+
+    def _resume_rows(self, path: Path) -> int:
+        """Return the records of `path` read before the checkpoint resumed from."""
+        resume = self._resume
+        if resume is None or resume["file"] != str(path):
+            return 0
+        self._resume = None
+        return int(resume["rows"])
+
+    # --- reading ---
+
     def read(self) -> Iterator[SourceBatch | Idle]:
-        finished: set[Path] = set()
         waiting: set[Path] = set()
         while not self.context.stopping:
             found = False
             for path in resolve_paths(self.config.path, self.extensions):
-                if path in finished:
+                if str(path) in self._finished:
                     continue
                 file = self._open_when_ready(path, waiting)
                 if file is None:
                     continue
                 found = True
-                finished.add(path)
                 self._count_size(path)
                 try:
-                    yield from self._read_file(path, file)
+                    yield from self._read_file(path, file, self._resume_rows(path))
                 finally:
                     file.close()
                 if self.context.stopping:
                     return
+                self._finished.add(str(path))
+                self._current = None
+                self._current_rows = 0
             if not self.config.follow:
                 return
             if not found:
@@ -228,14 +278,32 @@ class RecordBatchFileSource(Source[ConfigT], Generic[ConfigT]):
         waiting.discard(path)
         return file
 
-    def _read_file(self, path: Path, file: BatchFile) -> Iterator[SourceBatch]:
+    def _read_file(
+        self, path: Path, file: BatchFile, skip: int = 0
+    ) -> Iterator[SourceBatch]:
+        """Read `path`, leaving out its first `skip` records."""
         columns = [name for name in self._schema.names if name in file.schema.names]
-        start = self._done
+        start = self._file_start = self._done
         first_row = 1
+        self._current = str(path)
+        self._current_rows = skip
+        if skip:
+            skipped = file.skip_to(skip)
+            skip -= skipped
+            first_row += skipped
         for raw, done in file.batches(columns):
+            if skip >= raw.num_rows:
+                skip -= raw.num_rows
+                first_row += raw.num_rows
+                continue
+            if skip:
+                raw = raw.slice(skip)
+                first_row += skip
+                skip = 0
             batch = self._conform(path, raw, first_row)
             origin = SequentialOrigin(str(path), first_row, unit="row")
             first_row += raw.num_rows
+            self._current_rows = first_row - 1
             self._done = start + done
             if batch.num_rows:
                 yield SourceBatch(batch, origin)

@@ -564,6 +564,11 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
         self._inferred: pa.Schema | None = None
         # progress() may be called from another thread before open().
         self._progress = ByteProgress([])
+        # Checkpoint positions: the cursors of the files being read, the
+        # files read to their end (bounded mode), and cursors to resume from.
+        self._cursors: dict[str, _Cursor] = {}
+        self._done: set[str] = set()
+        self._resume: dict[str, _Cursor] = {}
 
     def open(self) -> None:
         self._schema = self.schema()
@@ -604,15 +609,54 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
             )
         return infer_schema(objects)
 
+    # --- checkpoints ---
+
+    def snapshot_position(self) -> Any:
+        """Return the byte offset and line count of each file being read.
+
+        Offsets point after the last complete line parsed, so a resumed run
+        reads the next line first. In bounded mode, files read to their end
+        are listed under `done`.
+        """
+        files = {
+            name: {"offset": c.offset, "lines": c.lines, "inode": c.inode}
+            for name, c in self._cursors.items()
+        }
+        return {"files": files, "done": sorted(self._done)}
+
+    def restore_position(self, position: Any) -> None:
+        if not position:
+            return
+        self._done = set(position.get("done", []))
+        self._resume = {
+            name: _Cursor(Path(name), int(p["offset"]), int(p["lines"]), p["inode"])
+            for name, p in position["files"].items()
+        }
+
+    def _cursor(self, path: Path) -> _Cursor:
+        """Return a cursor for `path`: at its saved position when resuming."""
+        cursor = self._resume.pop(str(path), None) or _Cursor(path)
+        if cursor.offset:
+            self._progress.done += cursor.offset
+        self._cursors[str(path)] = cursor
+        return cursor
+
+    # --- reading ---
+
     def read(self) -> Iterator[SourceBatch | Idle]:
         if self.config.follow:
             yield from self._follow()
             return
         for path in resolve_paths(self.config.path, _EXTENSIONS):
+            if str(path) in self._done:
+                self._progress.done += _file_size(path)
+                continue
             parser = JsonLinesParser(self._schema, str(path))
-            yield from self._read_new(_Cursor(path), parser, final=True)
+            yield from self._read_new(self._cursor(path), parser, final=True)
             if self.context.stopping:
                 return
+            self._done.add(str(path))
+            del self._cursors[str(path)]
 
     def _follow(self) -> Iterator[SourceBatch | Idle]:
         """Read every file, then what is appended and new files, until stopped."""
@@ -622,7 +666,7 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
             for path in resolve_paths(self.config.path, _EXTENSIONS):
                 if path not in cursors:
                     parser = JsonLinesParser(self._schema, str(path))
-                    cursors[path] = (_Cursor(path), parser)
+                    cursors[path] = (self._cursor(path), parser)
                 cursor, parser = cursors[path]
                 yield from self._read_new(cursor, parser, final=False)
                 if self.context.stopping:
@@ -689,6 +733,13 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
         cursor.lines += lines
         self._progress.done += size
         self._progress.total = max(self._progress.total, self._progress.done)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _blocks(file: IO[bytes], size: int, *, final: bool) -> Iterator[bytes]:

@@ -50,10 +50,26 @@ class _ParquetFile(BatchFile):
         self._file = pq.ParquetFile(path)
         self._batch_rows = batch_rows
         self.schema = self._file.schema_arrow
+        self._first_group = 0  # row groups before it are skipped
+        self._skipped = 0  # records in those row groups
+
+    def skip_to(self, rows: int) -> int:
+        """Skip the row groups that end at or before record `rows`."""
+        metadata = self._file.metadata
+        while self._first_group < metadata.num_row_groups:
+            size = metadata.row_group(self._first_group).num_rows
+            if self._skipped + size > rows:
+                break
+            self._skipped += size
+            self._first_group += 1
+        return self._skipped
 
     def batches(self, columns: list[str]) -> Iterator[tuple[pa.RecordBatch, int]]:
-        rows = 0
-        for batch in self._file.iter_batches(self._batch_rows, columns=columns):
+        rows = self._skipped
+        groups = range(self._first_group, self._file.metadata.num_row_groups)
+        for batch in self._file.iter_batches(
+            self._batch_rows, row_groups=list(groups), columns=columns
+        ):
             rows += batch.num_rows
             yield batch, rows
 
