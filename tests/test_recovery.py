@@ -300,3 +300,22 @@ checkpointing: {{interval: 50ms, storage: {tmp_path / "checkpoints"}}}
     assert second.returncode == 0, err.decode()[-2000:]
     assert "resuming from checkpoint" in err.decode()
     assert visible_rows() == ["1,10", "2,20", "3,30"]
+
+
+def test_checkpoints_on_an_fsspec_file_system() -> None:
+    # fsspec's in-memory file system stands in for remote storage (s3, gcs):
+    # no rename is used there, metadata.json written last marks completion.
+    storage = CheckpointStorage("memory://dataflare-test/checkpoints")
+    storage.clear()
+    make_checkpoint(storage, 1)
+    make_checkpoint(storage, 2)
+    make_checkpoint(storage, 3)
+    storage.prune(keep=2)
+
+    latest = storage.latest()
+
+    assert not storage.local
+    assert storage.ids() == [3, 2]
+    assert latest is not None
+    assert latest.id == 3
+    assert latest.blobs["s-0.state"] == b"state 3"
