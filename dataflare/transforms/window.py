@@ -34,16 +34,25 @@ Semantics:
 - The window keeps the records of open windows (only the fields it
   aggregates) and aggregates them when the window closes, so every
   aggregation, percentiles and distinct counts included, is exact.
+
+State: the kept records are keyed state, so they are in the pipeline's
+state backend and saved in checkpoints through it. They are kept as
+column frames per window start (a session window keeps one set of
+pending frames). With `checkpointing.state_backend: disk`, each frame is
+written to the on-disk backend as Arrow IPC when it arrives and read back
+when its window fires, so open windows may hold more records than fit in
+memory. With the memory backend (the default), frames stay in memory as
+they are and are only encoded into the backend for a checkpoint, so
+buffering costs no encoding. Either backend restores a checkpoint of the
+other.
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
-import orjson
 import polars as pl
 import pyarrow as pa
 from pydantic import Field, model_validator
@@ -57,6 +66,7 @@ from dataflare.plugin.interface import (
     PluginMetadata,
     Transform,
 )
+from dataflare.state.keyed import BYTES, INT64, JSON, KeyedStateStore
 from dataflare.streaming.spec import Duration
 from dataflare.streaming.time import micros
 from dataflare.transforms.expressions import to_batch, to_polars
@@ -65,6 +75,7 @@ WINDOW_START = "window_start"
 WINDOW_END = "window_end"
 _TS = "__ts"
 _WS = "__window"
+_SESSION = -(2**63)  # the window start under which session rows are kept
 
 AggregateFunction = Literal[
     "count",
@@ -210,8 +221,18 @@ class WindowTransform(Transform[WindowConfig]):
         self._gap = micros(config.gap.total_seconds()) if config.gap else 0
         self._lateness = micros(config.allowed_lateness.total_seconds())
         self._watermark = -(2**63)
-        self._windows: dict[int, list[pl.DataFrame]] = {}  # start -> buffered rows
-        self._sessions: list[pl.DataFrame] = []  # session mode: unassigned rows
+        # Open window starts (or _SESSION), each with its number of frames.
+        self._open: dict[int, int] = {}
+        # Earliest event time of the pending session rows, if known.
+        self._session_min: int | None = None
+
+    def open(self) -> None:
+        self._buffer_state = _FrameState(KeyedStateStore.for_operator(self.context))
+
+    def close(self) -> None:
+        state = getattr(self, "_buffer_state", None)
+        if state is not None:
+            state.close()
 
     def _fields(self) -> list[str]:
         fields = list(self.config.key_by)
@@ -250,7 +271,13 @@ class WindowTransform(Transform[WindowConfig]):
 
     def _buffer(self, rows: pl.DataFrame) -> None:
         if self.config.kind == "session":
-            self._sessions.append(rows)
+            low = rows.select(pl.col(_TS).min()).item()
+            if low is not None and (
+                self._session_min is None or low < self._session_min
+            ):
+                self._session_min = int(low)
+            self._buffer_state.add([(_SESSION, rows)])
+            self._open[_SESSION] = self._open.get(_SESSION, 0) + 1
             return
         starts = pl.col(_TS) - pl.col(_TS) % self._slide
         if self._slide == self._size:
@@ -262,19 +289,28 @@ class WindowTransform(Transform[WindowConfig]):
             # Windows that already fired keep their result; skip them.
             closed = pl.col(_WS) + self._size + self._lateness <= self._watermark
             assigned = assigned.filter(~closed)
-        for (start,), part in assigned.partition_by(_WS, as_dict=True).items():
-            self._windows.setdefault(int(start), []).append(part)
+        parts = [
+            (int(start), part)
+            for (start,), part in assigned.partition_by(_WS, as_dict=True).items()
+        ]
+        self._buffer_state.add(parts)
+        for start, _ in parts:
+            self._open[start] = self._open.get(start, 0) + 1
 
     def on_watermark(self, watermark: int) -> list[pa.RecordBatch]:
         self._watermark = watermark
+        self._buffer_state.store.advance_watermark(watermark)
         if self.config.kind == "session":
             return self._fire_sessions(watermark)
         ready = sorted(
-            s for s in self._windows if s + self._size + self._lateness <= watermark
+            s for s in self._open if s + self._size + self._lateness <= watermark
         )
         if not ready:
             return []
-        frames = [pl.concat(self._windows.pop(start)) for start in ready]
+        frames = []
+        for start in ready:
+            del self._open[start]
+            frames.extend(self._buffer_state.pop(start))
         return [to_batch(self._aggregate(pl.concat(frames), ready))]
 
     def finish(self) -> list[pa.RecordBatch]:
@@ -283,28 +319,18 @@ class WindowTransform(Transform[WindowConfig]):
     # --- checkpoints ---
 
     def snapshot_state(self) -> bytes | None:
-        frames = [frame for parts in self._windows.values() for frame in parts]
-        buffered = pl.concat(frames) if frames else None
-        sessions = pl.concat(self._sessions) if self._sessions else None
-        header = orjson.dumps({"watermark": self._watermark})
-        parts = [header, _ipc(buffered), _ipc(sessions)]
-        return b"".join(len(p).to_bytes(8, "little") + p for p in parts)
+        meta = {
+            "watermark": self._watermark,
+            "open": sorted(self._open),
+            "session_min": self._session_min,
+        }
+        return self._buffer_state.snapshot(meta)
 
     def restore_state(self, state: bytes) -> None:
-        parts = []
-        offset = 0
-        while offset < len(state):
-            size = int.from_bytes(state[offset : offset + 8], "little")
-            parts.append(state[offset + 8 : offset + 8 + size])
-            offset += 8 + size
-        header, buffered, sessions = parts
-        self._watermark = int(orjson.loads(header)["watermark"])
-        self._windows = {}
-        if buffered:
-            frame = pl.read_ipc(io.BytesIO(buffered))
-            for (start,), part in frame.partition_by(_WS, as_dict=True).items():
-                self._windows[int(start)] = [part]
-        self._sessions = [pl.read_ipc(io.BytesIO(sessions))] if sessions else []
+        meta = self._buffer_state.restore(state)
+        self._watermark = int(meta["watermark"])
+        self._session_min = meta["session_min"]
+        self._open = self._buffer_state.counts(meta["open"])
 
     # --- aggregation ---
 
@@ -334,9 +360,20 @@ class WindowTransform(Transform[WindowConfig]):
         ).select(names)
 
     def _fire_sessions(self, watermark: int) -> list[pa.RecordBatch]:
-        if not self._sessions:
+        if not self._open:
             return []
-        rows = pl.concat(self._sessions).sort([*self.config.key_by, _TS])
+        earliest = self._session_min
+        if earliest is not None and earliest + self._gap + self._lateness > watermark:
+            # No session can close yet, because each ends at least `gap` after
+            # the earliest pending record.
+            return []
+
+        # NOTE: with the disk backend, each firing reads all pending session
+        # rows and writes the still open ones back as one frame.
+        self._open.clear()
+        self._session_min = None
+        rows = pl.concat(self._buffer_state.pop(_SESSION))
+        rows = rows.sort([*self.config.key_by, _TS])
         keys = self.config.key_by
         previous = pl.col(_TS).shift(1)
         new_session = previous.is_null() | ((pl.col(_TS) - previous) >= self._gap)
@@ -347,7 +384,9 @@ class WindowTransform(Transform[WindowConfig]):
         rows = rows.join(ends, on=_WS)
         closed = pl.col("__end") + self._lateness <= watermark
         done, pending = rows.filter(closed), rows.filter(~closed)
-        self._sessions = [pending.drop(_WS, "__end")] if pending.height else []
+        if pending.height:
+            pending = pending.drop(_WS, "__end")
+            self._buffer(pending)
         if not done.height:
             return []
         aggs = [agg.expr(name) for name, agg in self.config.aggregations.items()]
@@ -358,9 +397,113 @@ class WindowTransform(Transform[WindowConfig]):
         return [to_batch(self._with_bounds(out, pl.col("__start"), pl.col("__end")))]
 
 
-def _ipc(frame: pl.DataFrame | None) -> bytes:
-    if frame is None or frame.height == 0:
-        return b""
-    buffer = io.BytesIO()
-    frame.write_ipc(buffer)
-    return buffer.getvalue()
+class _FrameState:
+    """Buffered frames of a window in keyed state: a map per window start.
+
+    The map state `frames` maps each window start (the key) to its frames:
+    a sequence number (the map key, so frames stay in arrival order) and
+    the frame as an Arrow IPC stream. With an on-disk backend every frame is
+    written there when added. With the memory backend the frames stay in
+    `_frames` as they are, and `snapshot` writes them into the backend only
+    for the checkpoint, then removes them again.
+    """
+
+    def __init__(self, store: KeyedStateStore) -> None:
+        self.store = store
+        self._spill = store.backend.kind != "memory"
+        self._map = store.map_state("frames", INT64, BYTES)
+        self._meta = store.value_state("meta", JSON)
+        self._frames: dict[int, list[pl.DataFrame]] = {}
+        self._next = 0  # sequence number of the next frame
+
+    def add(self, parts: Sequence[tuple[int, pl.DataFrame]]) -> None:
+        if not self._spill:
+            for start, frame in parts:
+                self._frames.setdefault(start, []).append(frame)
+            return
+        self._map.put_many(
+            (INT64.encode(start), seq, _encode(frame))
+            for seq, (start, frame) in enumerate(parts, self._next)
+        )
+        self._next += len(parts)
+
+    def pop(self, start: int) -> list[pl.DataFrame]:
+        """Remove and return the frames of `start`, in arrival order."""
+        if not self._spill:
+            return self._frames.pop(start, [])
+        key = INT64.encode(start)
+        frames = [_decode(data) for data in self._stored(key)]
+        self._map.clear(key)
+        return frames
+
+    def _stored(self, key: bytes) -> Iterator[bytes]:
+        entries = sorted(self._map.items(key))
+        return (data for _, data in entries)
+
+    def counts(self, starts: Sequence[int]) -> dict[int, int]:
+        """Return the number of frames of each of `starts` that has any."""
+        found: dict[int, int] = {}
+        for start in starts:
+            if self._spill:
+                count = self._map.size(INT64.encode(start))
+            else:
+                count = len(self._frames.get(start, []))
+            if count:
+                found[start] = count
+        return found
+
+    def snapshot(self, meta: dict[str, Any]) -> bytes:
+        if self._spill:
+            self._meta.put(b"", {**meta, "next": self._next})
+            return self.store.snapshot()
+        entries: list[tuple[bytes, int, bytes]] = []
+        for start, frames in self._frames.items():
+            for frame in frames:
+                entries.append((INT64.encode(start), len(entries), _encode(frame)))
+        # A disk backend that restores this snapshot numbers new frames after these.
+        self._meta.put(b"", {**meta, "next": len(entries)})
+        self._map.put_many(entries)
+        try:
+            return self.store.snapshot()
+        finally:
+            for start in self._frames:
+                self._map.clear(INT64.encode(start))
+
+    def restore(self, state: bytes) -> dict[str, Any]:
+        """Load a `snapshot` and return the metadata that was given to it."""
+        self.store.restore(state)
+        meta = self._meta.get(b"")
+        if not isinstance(meta, dict):
+            raise ValueError(
+                "window state snapshot is missing its metadata, so the checkpoint "
+                "is corrupt; resume from an earlier checkpoint or run with "
+                "--from-scratch"
+            )
+        self._next = int(meta["next"])
+        self._frames = {}
+        if not self._spill:
+            for start in meta["open"]:
+                key = INT64.encode(start)
+                frames = [_decode(data) for data in self._stored(key)]
+                self._map.clear(key)
+                if frames:
+                    self._frames[start] = frames
+        return meta
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _encode(frame: pl.DataFrame) -> bytes:
+    table = frame.to_arrow()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
+
+
+def _decode(data: bytes) -> pl.DataFrame:
+    frame = pl.from_arrow(pa.ipc.open_stream(data).read_all())
+    assert isinstance(frame, pl.DataFrame)
+    return frame
