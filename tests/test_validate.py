@@ -310,3 +310,18 @@ destinations:
         "transformations.kept.config.condition",
         "destinations.out.config.compression",
     }
+
+
+def test_json_schema_accepts_short_forms(schema_validator: Any) -> None:
+    text = """
+id: short
+sources:
+  gen: {type: generate, config: {count: 5, fields: {id: sequence, n: {type: int}}}}
+transformations:
+  once: {type: dedupe, inputs: [gen], config: {key: id, within: 1m}}
+destinations:
+  out: {type: stdout, inputs: [once]}
+"""
+    assert schema_errors(schema_validator, text) == {}
+    misspelt = text.replace("id: sequence", "id: sequins")
+    assert "sources.gen.config.fields.id" in schema_errors(schema_validator, misspelt)

@@ -52,7 +52,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from dataflare.plugin.interface import (
     IDLE,
@@ -305,7 +305,20 @@ def _default_fields() -> dict[str, AnyFieldSpec]:
 # --- the source -----------------------------------------------------------------
 
 
+def _allow_short_field_specs(schema: dict[str, Any]) -> None:
+    """Let the JSON Schema accept `name: sequence` as well as `name: {type: ...}`."""
+    fields = schema.get("properties", {}).get("fields", {})
+    spec = fields.get("additionalProperties")
+    if spec is not None:
+        names = ["sequence", "int", "float", "bool", "choice", "constant", "timestamp"]
+        fields["additionalProperties"] = {"anyOf": [spec, {"enum": names}]}
+
+
 class GenerateSourceConfig(PluginConfig):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, json_schema_extra=_allow_short_field_specs
+    )
+
     fields: dict[str, AnyFieldSpec] = Field(
         default_factory=_default_fields,
         min_length=1,

@@ -41,12 +41,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Annotated
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, field_validator
+from pydantic import Field, WithJsonSchema, field_validator
 
 from dataflare.plugin.interface import (
     EVENT_TIME,
@@ -64,9 +65,18 @@ from dataflare.transforms.expressions import to_polars
 
 
 class DedupeConfig(PluginConfig):
-    key: list[str] = Field(
-        min_length=1, description="Fields whose values identify a record"
-    )
+    key: Annotated[
+        list[str],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                ],
+                "description": "Field, or fields, whose values identify a record",
+            }
+        ),
+    ] = Field(min_length=1, description="Fields whose values identify a record")
     within: Duration = Field(
         description="Event-time distance below which a record with the same key "
         "is a duplicate, e.g. 10m"
