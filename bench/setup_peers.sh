@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create bench/.peers-venv with the peer systems the benchmark compares
 # DataFlare against: Bytewax 0.21.x and Pathway, plus orjson for the plain
-# Python baseline and psutil for memory sampling.
+# Python baseline and py-spy for the profiles of DataFlare.
 #
 # The peers live in their own virtual environment so that they never touch
 # the project's requirements.lock or .venv.
@@ -17,9 +17,9 @@ if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
 "$venv/bin/pip" install --quiet --upgrade pip
-"$venv/bin/pip" install --quiet "bytewax>=0.21,<0.22" pathway orjson psutil py-spy
+"$venv/bin/pip" install --quiet "bytewax>=0.21,<0.22" pathway orjson py-spy
 "$venv/bin/python" - <<'PY'
 from importlib.metadata import version
-for name in ("bytewax", "pathway", "orjson", "psutil", "py-spy"):
+for name in ("bytewax", "pathway", "orjson", "py-spy"):
     print(f"{name} {version(name)}")
 PY
