@@ -14,7 +14,7 @@ Measures records per second through whole pipelines on one machine:
 Records are JSON objects of five fields (int, text, float, bool, zoned
 timestamp), about 110 bytes each. RabbitMQ is the server at 127.0.0.1:5672.
 MQTT runs against a Mosquitto of the benchmark's own on a free loopback
-port, configured to queue without limit: the system broker keeps at most
+port, configured to queue without limit. The system broker keeps at most
 1000 queued messages per client and drops the rest, which would cut the
 source's figure short. Queues, topics and sessions get unique names and
 are removed afterwards. The HTTP sink posts to a small `http.server` in

@@ -255,6 +255,10 @@ class Source(Plugin[ConfigT]):
     def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
         """Learn that checkpoint `checkpoint_id` is complete and durable.
 
+        The final checkpoint of a run whose inputs ended arrives as
+        `dataflare.state.checkpoint.FINAL_CHECKPOINT`: everything the source
+        emitted is then durable.
+
         Called on the source's own thread, between two batches. Sources that
         acknowledge messages to a broker do it here, so that unacknowledged
         messages are delivered again after a crash. Not called when the

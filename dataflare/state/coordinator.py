@@ -263,6 +263,6 @@ class CheckpointCoordinator:
         for commit_queue in self.commit_queues.values():
             commit_queue.put(FINAL_CHECKPOINT if finished else checkpoint_id)
         for notify_queue in self.notify_queues.values():
-            notify_queue.put(checkpoint_id)
+            notify_queue.put(FINAL_CHECKPOINT if finished else checkpoint_id)
         if self.on_complete is not None:
             self.on_complete(checkpoint_id)

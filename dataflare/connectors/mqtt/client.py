@@ -96,6 +96,8 @@ class MqttSession:
             each message; messages are then acknowledged with `ack()`.
         on_publish: Called on the I/O thread with the message id of each
             published message the broker acknowledged.
+        max_in_flight: Maximum QoS 1 messages published and not yet
+            acknowledged by the broker.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class MqttSession:
         self._thread: threading.Thread | None = None
         self._on_message = on_message
         self._on_publish = on_publish
+
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,

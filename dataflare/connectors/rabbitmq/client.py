@@ -34,6 +34,15 @@ from dataflare.streaming.spec import Duration
 
 T = TypeVar("T")
 
+
+class EntityUnavailable(ConnectionError):
+    """The broker reported a queue or exchange missing that should exist.
+
+    Right after a broker starts, it takes connections before its durable
+    queues are back, so this error is retried like a lost connection.
+    """
+
+
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     AMQPConnectionError,
     ChannelInvalidStateError,

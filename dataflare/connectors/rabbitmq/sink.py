@@ -31,13 +31,19 @@ from typing import Any
 import aio_pika
 import pyarrow as pa
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
-from aiormq.exceptions import AMQPChannelError, DeliveryError, PublishError
+from aiormq.exceptions import (
+    AMQPChannelError,
+    ChannelNotFoundEntity,
+    DeliveryError,
+    PublishError,
+)
 from pydantic import Field
 
 from dataflare.connectors.common import reconnecting
 from dataflare.connectors.http.records import encode_records
 from dataflare.connectors.rabbitmq.client import (
     CONNECTION_ERRORS,
+    EntityUnavailable,
     EventLoopThread,
     RabbitMQConnectionConfig,
     describe_channel_error,
@@ -120,7 +126,10 @@ class RabbitMQSink(Sink[RabbitMQSinkConfig]):
 
     def open(self) -> None:
         self._io = EventLoopThread(f"{self.context.step}-rabbitmq")
-        self._retrying(self._connect, f"connect to RabbitMQ at {self.config.address()}")
+        self._retrying(
+            lambda: self._connect(first=True),
+            f"connect to RabbitMQ at {self.config.address()}",
+        )
 
     def _retrying(self, operation: Any, what: str) -> None:
         reconnecting(
@@ -132,12 +141,25 @@ class RabbitMQSink(Sink[RabbitMQSinkConfig]):
             max_wait=self.config.reconnect_max_wait.total_seconds(),
         )
 
-    def _connect(self) -> None:
+    def _connect(self, *, first: bool) -> None:
+        """Connect and declare; `first` is True for the run's first connection.
+
+        A missing exchange is a configuration error on the first connection;
+        later, right after a broker restart, it may be missing for a moment.
+        """
         assert self._io is not None
         self._disconnect()
         timeout = self.config.connect_timeout.total_seconds() * 2
+        exchange = f"exchange {self.config.exchange!r} on {self.config.address()}"
         try:
             self._io.run(self._start(), timeout)
+        except ChannelNotFoundEntity as exc:
+            self._disconnect()
+            if not first:
+                raise EntityUnavailable(f"{exchange} is not available: {exc}") from exc
+            raise ValueError(
+                describe_channel_error(exc, exchange, "declare it on the broker first")
+            ) from exc
         except AMQPChannelError as exc:
             self._disconnect()
             what = (
@@ -220,7 +242,7 @@ class RabbitMQSink(Sink[RabbitMQSinkConfig]):
                 self._disconnect()
                 self._lost = None
             if self._connection is None:
-                self._connect()
+                self._connect(first=False)
             try:
                 self._io.run(self._publish(bodies, remaining), timeout=None)
             except _Unconfirmed as exc:

@@ -48,7 +48,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
-from aiormq.exceptions import AMQPChannelError
+from aiormq.exceptions import AMQPChannelError, ChannelNotFoundEntity
 from pydantic import Field
 
 from dataflare.connectors.common import reconnecting
@@ -60,6 +60,7 @@ from dataflare.connectors.http.records import (
 )
 from dataflare.connectors.rabbitmq.client import (
     CONNECTION_ERRORS,
+    EntityUnavailable,
     EventLoopThread,
     RabbitMQConnectionConfig,
     describe_channel_error,
@@ -167,13 +168,17 @@ class RabbitMQSource(Source[RabbitMQSourceConfig]):
         self._decoder = JsonRecordDecoder(self._schema)
         self._checkpointing = bool(getattr(self.context, "checkpointing", False))
         self._io = EventLoopThread(f"{self.context.step}-rabbitmq")
-        self._reconnect()
+        self._reconnect(first=True)
 
-    def _reconnect(self) -> None:
-        """Connect, retrying with backoff while the broker is unreachable."""
+    def _reconnect(self, *, first: bool) -> None:
+        """Connect, retrying with backoff while the broker is unreachable.
+
+        `first` is True for the first connection of the run, where a missing
+        queue that the step may not declare is a configuration error.
+        """
         config = self.config
         reconnecting(
-            self._connect,
+            lambda: self._connect(first=first),
             step=self.context.step,
             what=f"connect to RabbitMQ at {config.address()}",
             errors=CONNECTION_ERRORS,
@@ -182,21 +187,29 @@ class RabbitMQSource(Source[RabbitMQSourceConfig]):
             should_stop=lambda: self.context.stopping,
         )
 
-    def _connect(self) -> None:
+    def _connect(self, *, first: bool) -> None:
         assert self._io is not None
         self._disconnect()
         self._generation += 1
         self._lost = None
         timeout = self.config.connect_timeout.total_seconds() * 2
+        what = f"queue {self.config.queue!r} on {self.config.address()}"
         try:
             self._io.run(self._start(self._generation), timeout)
+        except ChannelNotFoundEntity as exc:
+            self._disconnect()
+            if self.config.declare or not first:
+                raise EntityUnavailable(f"{what} is not available: {exc}") from exc
+            raise ValueError(
+                describe_channel_error(
+                    exc,
+                    what,
+                    "create it, or set declare: true to have the step create it",
+                )
+            ) from exc
         except AMQPChannelError as exc:
             self._disconnect()
-            message = describe_channel_error(
-                exc,
-                f"queue {self.config.queue!r} on {self.config.address()}",
-                "create it, or set declare: true to have the step create it",
-            )
+            message = describe_channel_error(exc, what, "create it")
             raise ValueError(
                 message or f"RabbitMQ rejected the consumer: {exc}"
             ) from exc
@@ -272,7 +285,7 @@ class RabbitMQSource(Source[RabbitMQSourceConfig]):
 
         def attempt() -> None:
             try:
-                self._reconnect()
+                self._reconnect(first=False)
             except BaseException as exc:
                 failure.append(exc)
 
