@@ -101,7 +101,7 @@ class FieldNotFoundError(ValueError):
 
 
 class OperatorContext(Protocol):
-    """What the engine gives each running plugin instance."""
+    """Services the engine gives each running plugin instance."""
 
     @property
     def step(self) -> str:
@@ -168,7 +168,7 @@ class Plugin(ABC, Generic[ConfigT]):
 
 
 class Origin(ABC):
-    """Where the rows of one batch came from, to name bad records precisely."""
+    """Input location of a batch's rows, used to name bad records precisely."""
 
     @abstractmethod
     def position(self, row: int) -> str:
@@ -234,7 +234,7 @@ class Source(Plugin[ConfigT]):
         """Return the schema of the batches, known before the run starts.
 
         Raises:
-            ValueError: the input cannot be read; the message says why.
+            ValueError: the input cannot be read; the message gives the cause.
         """
 
     @abstractmethod
@@ -297,7 +297,7 @@ class Transform(Plugin[ConfigT]):
 
         Raises:
             FieldNotFoundError: the config names a field the input lacks.
-            ValueError: another config problem, with a message that says what.
+            ValueError: another config problem, described in the message.
         """
 
     def side_outputs(self, inputs: Sequence[pa.Schema]) -> dict[str, pa.Schema]:
@@ -351,7 +351,7 @@ class Transform(Plugin[ConfigT]):
 
 @dataclass
 class SinkInfo:
-    """What a sink wrote, for the run summary."""
+    """Output report of a sink, for the run summary."""
 
     paths: list[str] = field(default_factory=list)
     delivery: str = "at-least-once"

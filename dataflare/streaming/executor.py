@@ -150,8 +150,8 @@ class StepContext:
     def emit_side(self, port: str, batch: pa.RecordBatch) -> None:
         outlet = self.side_outlets.get(port)
         if outlet is None or not outlet.targets:
-            # Nobody reads this side output: such records are not dropped
-            # silently but go to the dead-letter output.
+            # No step reads this side output, so its records go to the
+            # dead-letter output instead of being dropped silently.
             self.reject(batch, f"{port} record: no step reads {self.step}.{port}")
             return
         outlet.send_batch(batch, time.monotonic_ns())

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ProgressSnapshot:
-    """What a run has done so far, passed to progress callbacks."""
+    """Progress of a run so far, passed to progress callbacks."""
 
     elapsed_seconds: float
     records_read: int
@@ -179,8 +179,12 @@ class PipelineRun:
                 if info.table is not None:
                     tables[instance.plan.id] = info.table
         p50, p99 = state.latency.percentiles(0.5, 0.99)
-        stopped = state.stop.is_set() or state.suspending
-        status = "failed" if error else ("stopped" if stopped else "completed")
+        if error is not None:
+            status = "failed"
+        elif state.stop.is_set() or state.suspending:
+            status = "stopped"
+        else:
+            status = "completed"
         return RunSummary(
             pipeline_id=self.plan.spec.id,
             status=status,

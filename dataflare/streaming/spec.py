@@ -84,7 +84,7 @@ class EventTimeSpec(_Model):
     """How a source finds each record's event time."""
 
     field: str | None = None
-    """Field that holds the event time."""
+    """Field that contains the event time."""
     expression: str | None = None
     """SQL expression computing the event time, e.g.
     `time_hour + minute * INTERVAL '1 minute'`."""
@@ -162,7 +162,7 @@ class ExecutionSpec(_Model):
     max_batch_rows: int = Field(default=65536, ge=1)
     """Largest batch a source emits."""
     linger: Duration = timedelta(milliseconds=5)
-    """Longest time a source holds records back to fill a batch."""
+    """Maximum time a source keeps records back to fill a batch."""
     queue_batches: int = Field(default=8, ge=1)
     """Batches that may wait between two steps before the upstream one blocks."""
 

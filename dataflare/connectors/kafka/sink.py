@@ -52,7 +52,7 @@ from dataflare.connectors.kafka.client import (
     KafkaConnectionConfig,
     LibrdkafkaLog,
 )
-from dataflare.connectors.kafka.payloads import (
+from dataflare.connectors.payloads import (
     PayloadEncoder,
     headers_column,
     text_column,

@@ -65,7 +65,7 @@ from dataflare.connectors.kafka.client import (
     KafkaConnectionConfig,
     LibrdkafkaLog,
 )
-from dataflare.connectors.kafka.payloads import (
+from dataflare.connectors.payloads import (
     HEADERS_TYPE,
     PayloadConfig,
     PayloadDecoder,

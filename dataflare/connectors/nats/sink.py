@@ -45,12 +45,12 @@ import nats.js.errors
 import pyarrow as pa
 from pydantic import Field
 
-from dataflare.connectors.kafka.payloads import (
+from dataflare.connectors.nats.client import NatsConnection, NatsConnectionConfig
+from dataflare.connectors.payloads import (
     PayloadEncoder,
     headers_column,
     text_column,
 )
-from dataflare.connectors.nats.client import NatsConnection, NatsConnectionConfig
 from dataflare.plugin.interface import (
     HEADERS,
     OperatorContext,

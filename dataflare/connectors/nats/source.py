@@ -66,17 +66,17 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import Field
 
-from dataflare.connectors.kafka.backoff import Backoff, idle_for
-from dataflare.connectors.kafka.payloads import (
-    HEADERS_TYPE,
-    PayloadConfig,
-    PayloadDecoder,
-    payload_text,
-)
+from dataflare.connectors.backoff import Backoff, idle_for
 from dataflare.connectors.nats.client import (
     CONNECTION_ERRORS,
     NatsConnection,
     NatsConnectionConfig,
+)
+from dataflare.connectors.payloads import (
+    HEADERS_TYPE,
+    PayloadConfig,
+    PayloadDecoder,
+    payload_text,
 )
 from dataflare.plugin.interface import (
     HEADERS,

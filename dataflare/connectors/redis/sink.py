@@ -34,7 +34,7 @@ import redis
 from pydantic import Field
 
 from dataflare.connectors.common import reconnecting
-from dataflare.connectors.kafka.payloads import PayloadEncoder, headers_column
+from dataflare.connectors.payloads import PayloadEncoder, headers_column
 from dataflare.connectors.redis.client import CONNECTION_ERRORS, connect
 from dataflare.connectors.redis.config import RedisConnectionConfig
 from dataflare.plugin.interface import (

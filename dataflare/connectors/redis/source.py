@@ -56,9 +56,9 @@ import redis
 import redis.exceptions
 from pydantic import Field
 
+from dataflare.connectors.backoff import Backoff, idle_for
 from dataflare.connectors.common import reconnecting
-from dataflare.connectors.kafka.backoff import Backoff, idle_for
-from dataflare.connectors.kafka.payloads import (
+from dataflare.connectors.payloads import (
     HEADERS_TYPE,
     PayloadConfig,
     PayloadDecoder,

@@ -16,8 +16,7 @@ over several lines is joined onto one line first.
 encoded as the `jsonl` sink encodes lines (timestamps as ISO 8601 text), or
 the bytes of the `value` field with `format: raw`.
 
-This module serves the three broker packages; it lives in the Kafka package
-only because a package of its own was not in this change's scope.
+The Kafka, NATS and Redis connectors share this module.
 """
 
 from __future__ import annotations
