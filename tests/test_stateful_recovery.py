@@ -166,7 +166,7 @@ def crash_repeatedly(path: Path, seed: int) -> int:
     plan: list[str | None] = [
         f"checkpoint-write:{rng.randint(2, 6)}",
         f"sink-commit:{rng.randint(1, 3)}",
-    ] + [None] * 12
+    ] + [None] * 60
     kills = 0
     for crash_at in plan:
         if kills >= KILLS:
