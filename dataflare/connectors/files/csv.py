@@ -12,9 +12,15 @@ a record boundary, and parses a chunk with Arrow straight into the field
 types (declared in `schema`, or inferred from the first `infer_rows`
 records). Only when a value in a chunk does not convert is that chunk
 parsed again as raw text, and converted value by value: the records with a
-bad value go to the dead-letter output and the rest go on. A record with the
-wrong number of fields goes there too. Each rejected record is named by file,
-record number (the first data record is record 1) and line number.
+bad value go to the dead-letter output, with every bad field in the reason,
+and the rest go on. A record with the wrong number of fields goes there too.
+Each rejected record is named by file, record number (the first data record
+is record 1) and line number.
+
+Record boundaries follow RFC 4180 quoting, with quotes paired by parity. A
+quote that the file never closes would join every line after it into one
+record. So at the end of the file, only the line where that quote opens is
+rejected, and the lines after it are read as records.
 
 Quoted fields with line breaks, CRLF line ends, a UTF-8 byte order mark,
 blank lines, a missing final newline and gzip files (`.csv.gz`) are read.
@@ -72,7 +78,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_NULLS = ["", "NA", "N/A", "NULL", "null", "NaN", "nan", "None", "#N/A"]
 _EXTENSIONS = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".txt")
 _BOM = b"\xef\xbb\xbf"
-_OFFSET = r"(?:[zZ]|[+-]\d\d(?::?\d\d)?)$"
+# A UTC offset after a time of day. The time is required so that the day of
+# a date-only text (`2013-01-01`) is not taken for a `-01` offset.
+_OFFSET = r"[T ]\d\d(?::?\d\d){0,2}(?:[.,]\d+)?(?:[zZ]|[+-]\d\d(?::?\d\d)?)$"
+_DATE_ONLY = r"^(\d{4}-\d\d-\d\d)$"
 _SAMPLE_PIECE = 64 << 10  # bytes read at a time while sampling to infer types
 
 
@@ -149,15 +158,22 @@ class ChunkOrigin(Origin):
     def slot(self, row: int) -> int:
         return row if self._slots is None else int(self._slots[row])
 
-    def slot_position(self, slot: int) -> str:
-        """Describe chunk record `slot`: `f.csv record 7 (line 8)`."""
-        text = f"{self.name} record {self.first_record + slot}"
+    def slot_line(self, slot: int) -> int | None:
+        """Return the file line where chunk record `slot` starts, if known."""
         if self._starts is None:
             self._starts = line_starts(self._chunk, self._quote)
         # NOTE: lines are counted by line feeds; in a file whose lines end
-        # with a lone carriage return, the line is left out.
+        # with a lone carriage return, the line is unknown.
         if slot < len(self._starts):
-            text += f" (line {self.first_line + int(self._starts[slot]) - 1})"
+            return self.first_line + int(self._starts[slot]) - 1
+        return None
+
+    def slot_position(self, slot: int) -> str:
+        """Describe chunk record `slot`: `f.csv record 7 (line 8)`."""
+        text = f"{self.name} record {self.first_record + slot}"
+        line = self.slot_line(slot)
+        if line is not None:
+            text += f" (line {line})"
         return text
 
     def position(self, row: int) -> str:
@@ -180,6 +196,8 @@ class _Cursor:
     line: int = 1  # line number of the first byte after `pending`'s start
     consumed: int = 0  # bytes of the file parsed (compressed bytes for gzip)
     finished: bool = False  # read to the end for good (gzip files when following)
+    scanned: int = 0  # bytes at the start of `pending` without a record end
+    open_quote_warned: int = 0  # line of the last open quote logged, or 0
 
     @property
     def compressed(self) -> bool:
@@ -268,15 +286,26 @@ class CsvSource(Source[CsvSourceConfig]):
         records = 0
         try:
             while records < self.config.infer_rows:
-                data = cursor.stream.read(_SAMPLE_PIECE)
+                # Reading at least as much as is pending keeps a long open
+                # quote from costing a copy of the pending bytes per piece.
+                data = cursor.stream.read(max(_SAMPLE_PIECE, len(cursor.pending)))
+                scanned = cursor.scanned if cursor.names is not None else 0
                 buffer = cursor.pending + data
                 rest = self._take_header(cursor, buffer, final=not data)
                 if rest is None:
                     cursor.pending = buffer
                 else:
-                    cut = len(rest) if not data else record_end(rest, self._quote)
+                    if data:
+                        cut = self._whole_records(rest, scanned)
+                    else:
+                        unclosed = self._unclosed_line(rest, scanned)
+                        if unclosed is not None:
+                            # Read the lines after the open quote, as `read` does.
+                            rest = rest[: unclosed[0]] + rest[unclosed[1] :]
+                        cut = len(rest)
                     parts.append(rest[:cut])
                     cursor.pending = rest[cut:]
+                    cursor.scanned = len(cursor.pending)
                     records += rest.count(b"\n", 0, cut)
                 if not data:
                     break
@@ -428,18 +457,26 @@ class CsvSource(Source[CsvSourceConfig]):
     def _read_available(self, cursor: _Cursor, *, final: bool) -> Iterator[SourceBatch]:
         """Parse the whole records now in `cursor`'s file, or all bytes if `final`."""
         while True:
-            data = cursor.stream.read(self.config.block_size)
+            # Reading at least as much as is pending keeps a long open quote
+            # from costing a copy of the pending bytes per block.
+            data = cursor.stream.read(max(self.config.block_size, len(cursor.pending)))
             last = final and not data
-            buffer = cursor.pending + data
             had_names = cursor.names is not None
+            scanned = cursor.scanned if had_names else 0
+            buffer = cursor.pending + data
             rest = self._take_header(cursor, buffer, final=last)
             if rest is None:
                 cursor.pending = buffer
             else:
                 if not had_names and cursor.names is not None:
                     self._check_names(cursor)
-                cut = len(rest) if last else record_end(rest, self._quote)
+                unclosed = self._unclosed_line(rest, scanned) if last else None
+                if unclosed is not None:
+                    cut = unclosed[0]
+                else:
+                    cut = len(rest) if last else self._whole_records(rest, scanned)
                 chunk, cursor.pending = rest[:cut], rest[cut:]
+                cursor.scanned = len(cursor.pending)
                 if chunk:
                     batch = self._parse(cursor, chunk)
                     self._count_progress(cursor)
@@ -448,9 +485,94 @@ class CsvSource(Source[CsvSourceConfig]):
                         yield batch
                     if self.context.stopping:
                         return
+                if unclosed is not None:
+                    self._reject_unclosed_line(cursor)
+                    continue  # parse the lines after it
+                if len(cursor.pending) > self.config.block_size:
+                    self._warn_open_quote(cursor)
             if not data:
                 self._count_progress(cursor)
                 return
+
+    def _whole_records(self, rest: bytes, scanned: int) -> int:
+        """Return `record_end(rest)`, searching only after the first `scanned` bytes.
+
+        Those bytes, left over from the previous read, contain no record end.
+        A quoted field that stays open over many reads is thus searched once,
+        and not again from its start at each read.
+        """
+        if scanned == 0:
+            return record_end(rest, self._quote)
+        odd = rest.count(self._quote, 0, scanned) % 2 == 1
+        new = rest[scanned:]
+        # A leading quote carries the parity of the bytes before `new`.
+        end = record_end(self._quote + new if odd else new, self._quote)
+        if end == 0:
+            return 0
+        return scanned + end - (1 if odd else 0)
+
+    def _unclosed_line(self, rest: bytes, scanned: int) -> tuple[int, int] | None:
+        """Find the line of `rest` where a quoted field opens and is never closed.
+
+        `rest` is the end of a file and starts at a record boundary, and its
+        first `scanned` bytes contain no record end. Quotes pair by parity, as
+        in `record_end`. When their count is odd, the record after the last
+        boundary contains the open quote. The first line of that record is then
+        the only line with an odd count of quotes, so without it every line
+        after it is a whole record.
+
+        Returns:
+            The start and end (after the line feed) of that line, or None
+            when every quote is closed.
+        """
+        if rest.count(self._quote) % 2 == 0:
+            return None
+        start = self._whole_records(rest, scanned)
+        newline = rest.find(b"\n", start)
+        return start, len(rest) if newline < 0 else newline + 1
+
+    def _reject_unclosed_line(self, cursor: _Cursor) -> None:
+        """Reject the first pending line, where a quote opens that is never closed."""
+        newline = cursor.pending.find(b"\n")
+        stop = len(cursor.pending) if newline < 0 else newline + 1
+        line, cursor.pending = cursor.pending[:stop], cursor.pending[stop:]
+        cursor.scanned = 0
+        origin = ChunkOrigin(
+            str(cursor.path), cursor.record, cursor.line, line, self._quote
+        )
+        quote = self.config.quote_char
+        reason = (
+            f"quoted field starting at line {cursor.line} of {cursor.path} is not "
+            f"closed before the end of the file; add the closing {quote} where the "
+            f"field ends, or write a {quote} that is part of the value as "
+            f"{quote}{quote} inside a quoted field"
+        )
+        if cursor.pending.strip(b"\r\n"):
+            reason += f". Reading resumes at line {cursor.line + 1}"
+        text = line.rstrip(b"\r\n").decode("utf-8", errors="replace")
+        self.context.reject([text], [reason], [origin.slot_position(0)])
+        cursor.record += 1
+        cursor.line += line.count(b"\n")
+
+    def _warn_open_quote(self, cursor: _Cursor) -> None:
+        """Log once that a quoted field spanning lines holds back the records after it.
+
+        The pending bytes start at a record boundary, and a line feed among
+        them is inside quotes, or it would have ended a record.
+        """
+        if cursor.open_quote_warned == cursor.line or b"\n" not in cursor.pending:
+            return
+        cursor.open_quote_warned = cursor.line
+        logger.warning(
+            "step %r: the quoted field starting at line %d of %s is still open "
+            "after %d bytes, so the records after it wait until a quote closes "
+            "it. If the file ends first, that line is rejected and the lines "
+            "after it are read",
+            self.context.step,
+            cursor.line,
+            cursor.path,
+            len(cursor.pending),
+        )
 
     def _count_progress(self, cursor: _Cursor) -> None:
         consumed = cursor.raw.tell()
@@ -478,7 +600,13 @@ class CsvSource(Source[CsvSourceConfig]):
         if not body:
             return b"" if final else None
         skipped_lines = buffer.count(b"\n", 0, len(buffer) - len(body))
-        end = first_record_end(body, self._quote) or (len(body) if final else 0)
+        end = first_record_end(body, self._quote)
+        if end == 0 and final:
+            if body.count(self._quote) % 2:
+                self._check_first_line_quote(cursor, cursor.line + skipped_lines)
+                end = body.find(b"\n") + 1 or len(body)
+            else:
+                end = len(body)
         if end == 0:
             return None
         first = self._parse_record(cursor.path, body[:end])
@@ -489,6 +617,29 @@ class CsvSource(Source[CsvSourceConfig]):
         cursor.names = self._headless_names(len(first))
         cursor.line += skipped_lines
         return body
+
+    def _check_first_line_quote(self, cursor: _Cursor, line: int) -> None:
+        """Raise if the field names depend on a first line whose quote never closes.
+
+        Without a header, the first line only counts the fields when neither
+        `columns` nor `schema` names them. Otherwise the line is read as a
+        record, and rejected like any line with a quote that is never closed.
+        """
+        quote = self.config.quote_char
+        fix = (
+            f"add the closing {quote}, or write a {quote} that is part of the text "
+            f"as {quote}{quote} inside a quoted field"
+        )
+        if self.config.header:
+            raise ValueError(
+                f"{cursor.path}: the header line {line} has a quoted field that is "
+                f"not closed, so the field names are unknown; {fix}"
+            )
+        if self.config.columns is None and self.config.declared_schema() is None:
+            raise ValueError(
+                f"{cursor.path}: line {line} has a quoted field that is not closed, "
+                f"so the number of fields is unknown; {fix}, or set `columns`"
+            )
 
     def _parse_record(self, path: Path, line: bytes) -> list[str]:
         try:
@@ -658,7 +809,7 @@ class CsvSource(Source[CsvSourceConfig]):
         else:
             row_slots = np.arange(batch.num_rows)
         rejected: list[tuple[int, Any, str]] = [
-            (int(slot), text, reason)
+            (int(slot), text, self._field_count_reason(origin, int(slot), text, reason))
             for slot, (_, text, reason) in zip(invalid_slots, invalid, strict=True)
         ]
         rejected += [
@@ -684,28 +835,47 @@ class CsvSource(Source[CsvSourceConfig]):
             batch, origin.with_slots(slots) if slots is not None else origin
         )
 
+    def _field_count_reason(
+        self, origin: ChunkOrigin, slot: int, text: str, reason: str
+    ) -> str:
+        """Add to a wrong field count the lines that a quoted field joined.
+
+        Records end at line feeds outside quotes, so a line feed in the
+        record's text is inside a quoted field, often one whose quote is
+        stray or not closed where the field ends.
+        """
+        line = origin.slot_line(slot)
+        breaks = text.count("\n")
+        if not breaks or line is None:
+            return reason
+        quote = self.config.quote_char
+        return (
+            f"{reason}: a quoted field joins lines {line} to {line + breaks} into "
+            f"this record. Close the quoted field where it ends, or write a {quote} "
+            f"that is part of a value as {quote}{quote} inside a quoted field"
+        )
+
     def _convert(
         self, table: pa.Table, raw_names: set[str]
     ) -> tuple[pa.RecordBatch, dict[int, tuple[Any, str]]]:
         """Build the batch, converting the fields read as raw bytes value by value.
 
         Returns the typed batch (bad values as null) and, for each row with a
-        bad value, the row (its raw fields as text) and the reason.
+        bad value, the row (its raw fields as text) and the reason, which
+        names every bad field of the row, joined with "; ".
         """
         assert self._schema is not None
         columns = []
-        reasons: dict[int, str] = {}
+        reasons: dict[int, list[str]] = {}
         for column, target in zip(table.columns, self._schema, strict=True):
             values = (
                 column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
             )
             if target.name in raw_names:
-                if pa.types.is_timestamp(target.type):
-                    self._learn_zone(target.name, values)
-                converted, bad = convert_text(values, target.type)
+                converted, bad = self._convert_raw(target, values)
                 texts = values.take(pa.array(bad)).to_pylist()
                 for row, text in zip(bad.tolist(), texts, strict=True):
-                    reasons.setdefault(row, bad_value_reason(target, text))
+                    reasons.setdefault(row, []).append(bad_value_reason(target, text))
                 values = converted
             elif values.type != target.type:
                 values = values.cast(target.type)  # zoneless timestamps, as UTC
@@ -717,8 +887,22 @@ class CsvSource(Source[CsvSourceConfig]):
         rows = table.take(pa.array(bad_rows)).to_pylist()
         records = [{name: _text(value) for name, value in row.items()} for row in rows]
         return batch, {
-            row: (records[i], reasons[row]) for i, row in enumerate(bad_rows)
+            row: (records[i], "; ".join(reasons[row])) for i, row in enumerate(bad_rows)
         }
+
+    def _convert_raw(
+        self, target: pa.Field, values: pa.Array
+    ) -> tuple[pa.Array, np.ndarray]:
+        """Convert raw text values of one field, as `convert_text` does.
+
+        A date-only text in a timestamp field is read as midnight UTC, the
+        time that the `cast` transformation gives it.
+        """
+        if not pa.types.is_timestamp(target.type):
+            return convert_text(values, target.type)
+        self._learn_zone(target.name, values)
+        midnight = pc.replace_substring_regex(values, _DATE_ONLY, r"\1T00:00:00")
+        return convert_text(midnight, target.type)
 
     def _learn_zone(self, name: str, values: pa.Array) -> None:
         """Read a field as zoneless timestamps if most of its values have no offset."""
