@@ -21,8 +21,11 @@ goes to the dead-letter output with the position `redis stream S id ID`.
 The source reads as consumer `consumer` (default `STEP-INSTANCE`) of the
 consumer group `group`, and creates the group (and the stream) when they do
 not exist, from the start of the stream or, with `start_from: new`, from
-its end. Parallel instances are distinct consumers of the group, so Redis
-spreads the entries among them.
+its end. A group that disappears while the source runs (Redis restarted
+without persistence, XGROUP DESTROY) is created again from the start of the
+stream or, with `start_from: new`, after the last entry emitted. Parallel
+instances are distinct consumers of the group, so Redis spreads the entries
+among them.
 
 Acknowledgements (XACK):
 
@@ -35,6 +38,14 @@ Acknowledgements (XACK):
   so each entry reaches the pipeline's state once.
 - Without checkpointing, each batch is acknowledged once it has been handed
   to the pipeline; a crash loses the records still on their way.
+- An acknowledgement that fails is sent again with the next one.
+
+After a broken connection (Redis restarted, a network error, a timeout),
+the source reads its pending entries after the last one it emitted, then
+new ones. Redis adds the entries of an XREADGROUP to the pending entries
+list when it serves the command. It does so even when the reply never
+reaches the source, because the server stopped or the connection broke
+before sending it, and reading with `>` never returns those entries again.
 
 Entries are kept only as far as Redis keeps them: a Redis restarted without
 persistence (`appendonly`, or a snapshot taken after the entries arrived)
@@ -183,6 +194,10 @@ class RedisSource(Source[RedisSourceConfig]):
         client = self._client
         assert client is not None
         start = "0" if self.config.start_from == "all" else "$"
+        if start == "$" and self._last is not None:
+            # Created again after the group was lost: go on after the last
+            # entry emitted, so that entries added meanwhile are read.
+            start = self._last
 
         def create() -> None:
             try:
@@ -214,7 +229,7 @@ class RedisSource(Source[RedisSourceConfig]):
         if client is None:
             return
         try:
-            if not self._checkpointing and self._since:
+            if not self._checkpointing and (self._since or self._unacked):
                 self._acknowledge(self._since)
         finally:
             self._client = None
@@ -248,11 +263,15 @@ class RedisSource(Source[RedisSourceConfig]):
         elif self._snapshots:
             ids = self._snapshots.popleft()
         else:
-            return
-        self._acknowledge(self._unacked + ids)
+            ids = []
+        self._acknowledge(ids)
 
     def _acknowledge(self, ids: list[str]) -> None:
-        """XACK entries; those that fail are tried again next time."""
+        """XACK entries and those whose acknowledgement failed before.
+
+        Entries whose acknowledgement fails again are kept for the next call.
+        """
+        ids = self._unacked + ids
         client = self._client
         if not ids or client is None:
             self._unacked = []
@@ -291,6 +310,7 @@ class RedisSource(Source[RedisSourceConfig]):
             try:
                 entries = self._next_entries()
             except CONNECTION_ERRORS as exc:
+                self._reread_pending()
                 wait = backoff.failed(exc)
                 yield from idle_for(wait, lambda: self.context.stopping)
                 continue
@@ -316,6 +336,18 @@ class RedisSource(Source[RedisSourceConfig]):
             if not self._checkpointing:
                 self._acknowledge(self._since)
                 self._since = []
+
+    def _reread_pending(self) -> None:
+        """Make the next read return the pending entries not yet emitted.
+
+        A read that failed may still have added entries to the pending
+        entries list (see the module docstring). Entries up to the last one
+        emitted came in replies, so the pending entries after it are the
+        ones whose reply was lost. A pass over the pending entries that was
+        under way goes on where it was.
+        """
+        if self._pending_from is None:
+            self._pending_from = self._last if self._last is not None else "0"
 
     def _next_entries(self) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
         """Read this consumer's pending entries first, then new ones."""
