@@ -6,9 +6,13 @@ Prints one `RESULT` line with:
   (W1's five fields), on one thread in 1 MB blocks as the `jsonl` source
   calls it, and on every core of the process over the whole buffer
   (`use_threads`). This is the ceiling of any W1 built on that reader.
-- `steps`: the time of one call of each W1 and W3 step on batches of 10
-  and 10,000 rows (the filter, the SQL projection and the JSON lines
-  encoding of the sink), built from the W3 pipeline's own plan.
+- `steps`: the time of one call of each W1 and W3 step on batches of 1,
+  10, 100 and 10,000 rows (the filter, the SQL projection and the JSON
+  lines encoding of the sink), built from the W3 pipeline's own plan. The
+  time is the CPU time of the process (all its threads, Polars' pool
+  included), so load from other processes does not count, and each figure
+  is the median over interleaved rounds that time every step and size in
+  turn.
 - `hop_us`: the round trip of one message between two threads through
   `queue.Queue`, the way executor instances exchange batches.
 
@@ -18,7 +22,9 @@ Run: `python bench/step_costs.py INPUT` (the runner pins it to two cores).
 from __future__ import annotations
 
 import argparse
+import functools
 import queue
+import statistics
 import sys
 import threading
 import time
@@ -91,24 +97,40 @@ def parse_rates(path: str, limit: int = 200 << 20) -> dict[str, float]:
     return {"one_thread_1mb_blocks": one_thread_rate, "use_threads": threaded}
 
 
-def per_call_us(call: Callable[[], Any], seconds: float = 0.5) -> float:
-    """Return the mean time of one call of `call`, in microseconds.
+ROWS = (1, 10, 100, 10_000)
+
+
+def per_call_us(
+    calls: dict[tuple[str, int], Callable[[], Any]],
+    rounds: int = 15,
+    round_seconds: float = 0.02,
+) -> dict[tuple[str, int], float]:
+    """Return the median CPU time of one call of each function, in microseconds.
 
     Args:
-        call: Function to time; called repeatedly for about `seconds`.
-        seconds: Time budget.
+        calls: Functions to time, by step and rows.
+        rounds: Interleaved rounds; each times every function once.
+        round_seconds: About how long each function runs per round.
 
     Returns:
-        Mean microseconds per call after ten warm-up calls.
+        Median microseconds per call over the rounds, after ten warm-up
+        calls, by the same keys as `calls`.
     """
-    for _ in range(10):
-        call()
-    count = 0
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        call()
-        count += 1
-    return (time.perf_counter() - started) / count * 1e6
+    repeats = {}
+    for key, call in calls.items():
+        started = time.process_time()
+        for _ in range(10):
+            call()
+        once = (time.process_time() - started) / 10
+        repeats[key] = max(1, int(round_seconds / once))
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            started = time.process_time()
+            for _ in range(repeats[key]):
+                call()
+            times[key].append((time.process_time() - started) / repeats[key] * 1e6)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def step_costs() -> dict[str, dict[str, float]]:
@@ -128,25 +150,24 @@ def step_costs() -> dict[str, dict[str, float]]:
     )
     p.destination("out", "count", ["projected"])
     executor = Executor(p.build())
-    plugins = {i.plan.id: i.plugin for i in executor.all_instances()}
-    source = plugins["records"]
-    source_batch = source._records(10_100, 0)
-    costs: dict[str, dict[str, float]] = {}
+    plugins: dict[str, Any] = {i.plan.id: i.plugin for i in executor.all_instances()}
+    source_batch = plugins["records"]._records(10_100, 0)
     for step in ("delayed", "projected"):
         plugins[step].open()
-    for rows in (10, 10_000):
+    filter_step, sql_step = plugins["delayed"].process, plugins["projected"].process
+    calls: dict[tuple[str, int], Callable[[], Any]] = {}
+    for rows in ROWS:
         batch = source_batch.slice(26, rows)  # starts with dep_delay 16
-        delayed_batch = pa.concat_batches(plugins["delayed"].process(batch))
-        projected = pa.concat_batches(plugins["projected"].process(delayed_batch))
-        costs.setdefault("filter", {})[str(rows)] = per_call_us(
-            lambda b=batch: plugins["delayed"].process(b)
+        delayed_batch = pa.concat_batches(filter_step(batch))
+        projected = pa.concat_batches(sql_step(delayed_batch))
+        calls["filter", rows] = functools.partial(filter_step, batch)
+        calls["sql projection", rows] = functools.partial(sql_step, delayed_batch)
+        calls["JSON lines encoding (sink)", rows] = functools.partial(
+            encode_json_lines, projected
         )
-        costs.setdefault("sql projection", {})[str(rows)] = per_call_us(
-            lambda b=delayed_batch: plugins["projected"].process(b)
-        )
-        costs.setdefault("JSON lines encoding (sink)", {})[str(rows)] = per_call_us(
-            lambda b=projected: encode_json_lines(b)
-        )
+    costs: dict[str, dict[str, float]] = {}
+    for (step, rows), us in per_call_us(calls).items():
+        costs.setdefault(step, {})[str(rows)] = us
     return costs
 
 

@@ -8,12 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import polars as pl
 import pyarrow as pa
 import pytest
+from edge_batches import EDGES, NO_NAN, rows
 from pydantic import ValidationError
 
+import dataflare.transforms.sql as sql_module
 from dataflare import Pipeline, PipelineValidationError
 from dataflare.plugin.interface import ConfigError
+from dataflare.transforms.expressions import to_polars
 from dataflare.transforms.sql import SqlTransform
 
 UTC = dt.UTC
@@ -24,6 +28,10 @@ FLIGHTS = [
     {"carrier": None, "distance": 300.0, "air_time": 60.0, "code": "4"},
     {"carrier": "UA", "distance": 2000.0, "air_time": 240.0, "code": "5"},
 ]
+W3_QUERY = (
+    "SELECT id, s AS carrier, ls AS origin, i AS dep_delay, "
+    "i - j AS gained, _event_time FROM input"
+)
 SPEED_QUERY = (
     "SELECT carrier, distance / (air_time / 60.0) AS mph FROM {table} "
     "WHERE air_time > 0"
@@ -191,3 +199,138 @@ def test_sql_pipeline_dead_letters(tmp_path: Path) -> None:
     dead = [json.loads(line) for line in lines]
     assert [entry["record"]["code"] for entry in dead] == [r["code"] for r in FLIGHTS]
     assert all(entry["step"] == "codes" for entry in dead)
+
+
+# Rows of each batch that Polars SQL runs: none when the query runs on
+# Arrow, EDGES only when NaN in a float comparison makes that batch fall
+# back, and both batches for queries left to Polars.
+ARROW: list[int] = []
+NAN_ON_POLARS = [EDGES.num_rows]
+POLARS = [EDGES.num_rows, NO_NAN.num_rows]
+QUERIES = [
+    (W3_QUERY, ARROW),
+    ("SELECT * FROM input", ARROW),
+    ("SELECT * FROM input WHERE i > 15", ARROW),
+    ("select id, s as name, ls from input where s = 'JFK' or b", ARROW),
+    ('SELECT "id", "s" FROM "input" WHERE NOT ("i" < 3)', ARROW),
+    ("SELECT id, i + j AS sum, i * j AS product, -i AS negated FROM input", ARROW),
+    ("SELECT id, small + 1 AS s1, small * 2 AS s2, 0 - u AS u0 FROM input", ARROW),
+    ("SELECT id, small + 100 AS wide FROM input", ARROW),
+    ("SELECT i - j, j FROM input", ARROW),  # an item without alias
+    ("SELECT id, i IS NULL AS missing, b AND c AS both FROM input", ARROW),
+    ("SELECT id, _event_time FROM input WHERE s IS NOT NULL AND i > 0", ARROW),
+    ("SELECT id, f * 2 AS f2, f - g AS diff FROM input", ARROW),
+    ("SELECT id FROM input WHERE f > 1", NAN_ON_POLARS),
+    ("SELECT id, f = g AS same FROM input", NAN_ON_POLARS),
+    ("SELECT id FROM input WHERE i > 10000", ARROW),  # no row kept
+    ("SELECT id FROM input WHERE small > 1000", POLARS),  # literal widens the type
+    ("SELECT id, small + 1000 AS wide FROM input", POLARS),
+    ("SELECT id, i / 2 AS half FROM input", POLARS),
+    ("SELECT id, f > 1.5 AS big FROM input", POLARS),  # decimal literal
+    ("SELECT id, CAST(i AS DOUBLE) AS d FROM input", POLARS),
+    ("SELECT id, upper(s) AS up FROM input", POLARS),
+    ("SELECT id FROM input WHERE i IN (5, 16)", POLARS),
+    ("SELECT id FROM input ORDER BY id DESC", POLARS),
+    ("SELECT id FROM input LIMIT 3", POLARS),
+    ("SELECT DISTINCT s FROM input", POLARS),
+    ("SELECT s, count(*) AS n FROM input GROUP BY s ORDER BY s", POLARS),
+    ("SELECT id -- the key\nFROM input", POLARS),
+    ("SELECT id, (SELECT 1) AS one FROM input", POLARS),
+    ("WITH t AS (SELECT * FROM input) SELECT id FROM t", POLARS),
+]
+
+
+def count_conversions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the row count of every non-empty batch converted to Polars."""
+    rows: list[int] = []
+
+    def counting(batch: pa.RecordBatch) -> pl.DataFrame:
+        if batch.num_rows:
+            rows.append(batch.num_rows)
+        return to_polars(batch)
+
+    monkeypatch.setattr(sql_module, "to_polars", counting)
+    return rows
+
+
+@pytest.mark.parametrize(("query", "converted"), QUERIES)
+def test_sql_arrow_matches_polars(
+    context: Any, monkeypatch: pytest.MonkeyPatch, query: str, converted: list[int]
+) -> None:
+    never_compile = staticmethod(lambda *args: None)
+    with monkeypatch.context() as patch:
+        patch.setattr(sql_module._ArrowQuery, "compile", never_compile)
+        polars_path = make(context, query)
+        expected = [polars_path.process(b) for b in (EDGES, NO_NAN)]
+    schema = polars_path.output_schema([EDGES.schema])
+
+    transform = make(context, query)
+    conversions = count_conversions(monkeypatch)
+    got = [transform.process(b) for b in (EDGES, NO_NAN)]
+
+    assert [[b.schema for b in out] for out in got] == [
+        [b.schema for b in out] for out in expected
+    ]
+    assert [rows(out, schema) for out in got] == [rows(out, schema) for out in expected]
+    assert conversions == converted
+
+
+def test_sql_arrow_matches_duckdb(context: Any) -> None:
+    query = (
+        "SELECT id, s, i - j AS gained, f * 2 AS f2 FROM {table} "
+        "WHERE j > 0 AND j < 100 AND s IS NOT NULL"
+    )
+    edges = pa.Table.from_batches([EDGES])  # noqa: F841 - read by DuckDB by name
+    expected = duckdb.sql(query.format(table="edges") + " ORDER BY id")
+    assert expected is not None
+
+    out = make(context, query.format(table="input")).process(EDGES)
+
+    assert rows(out, out[0].schema) == rows(
+        expected.to_arrow_table().to_batches(), out[0].schema
+    )
+
+
+def test_sql_arrow_keeps_input_types(context: Any) -> None:
+    schema = pa.schema(
+        [
+            pa.field("n", pa.int32(), nullable=False),
+            ("t", pa.large_string()),
+            ("d", pa.date32()),
+        ]
+    )
+    batch = pa.RecordBatch.from_pylist(
+        [{"n": 1, "t": "a", "d": dt.date(2024, 1, 1)}], schema=schema
+    )
+    transform = make(context, "SELECT n, t, t AS u, d, n + 1 AS m FROM input")
+
+    [out] = transform.process(batch)
+
+    assert out.schema == pa.schema(
+        [
+            ("n", pa.int32()),
+            ("t", pa.large_string()),
+            ("u", pa.string()),
+            ("d", pa.date32()),
+            ("m", pa.int32()),
+        ]
+    )
+    assert out.to_pylist() == [
+        {"n": 1, "t": "a", "u": "a", "d": dt.date(2024, 1, 1), "m": 2}
+    ]
+
+
+def test_sql_arrow_string_view(context: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = ["a", "JFK", None, "a text longer than twelve bytes"]
+    batch = pa.RecordBatch.from_pydict({"v": pa.array(values, pa.string_view())})
+    transform = make(context, "SELECT v, v = 'JFK' AS jfk, v >= 'a' AS late FROM input")
+    conversions = count_conversions(monkeypatch)
+
+    [out] = transform.process(batch)
+
+    assert out.schema == pa.schema(
+        [("v", pa.string_view()), ("jfk", pa.bool_()), ("late", pa.bool_())]
+    )
+    assert out.column("jfk").to_pylist() == [False, True, None, False]
+    assert out.column("late").to_pylist() == [True, False, None, True]
+    assert conversions == []

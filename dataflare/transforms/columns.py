@@ -61,6 +61,7 @@ class SelectTransform(Transform[SelectConfig]):
 
     metadata = PluginMetadata("select", PluginKind.MAP, "Keep the listed fields")
     Config = SelectConfig
+    _last: tuple[pa.Schema, list[str]] | None = None  # last input schema, its output
 
     def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
         schema = inputs[0]
@@ -83,7 +84,9 @@ class SelectTransform(Transform[SelectConfig]):
     def process(
         self, batch: pa.RecordBatch, input_index: int = 0
     ) -> list[pa.RecordBatch]:
-        selected = batch.select(self._names(batch.schema))
+        if self._last is None or not batch.schema.equals(self._last[0]):
+            self._last = (batch.schema, self._names(batch.schema))
+        selected = batch.select(self._last[1])
         return [selected] if selected.num_rows else []
 
 
@@ -123,6 +126,7 @@ class RenameTransform(Transform[RenameConfig]):
 
     metadata = PluginMetadata("rename", PluginKind.MAP, "Rename fields")
     Config = RenameConfig
+    _last: tuple[pa.Schema, list[str]] | None = None  # last input schema, new names
 
     def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
         schema = inputs[0]
@@ -150,5 +154,7 @@ class RenameTransform(Transform[RenameConfig]):
     def process(
         self, batch: pa.RecordBatch, input_index: int = 0
     ) -> list[pa.RecordBatch]:
-        renamed = batch.rename_columns(self._new_names(batch.schema))
+        if self._last is None or not batch.schema.equals(self._last[0]):
+            self._last = (batch.schema, self._new_names(batch.schema))
+        renamed = batch.rename_columns(self._last[1])
         return [renamed] if renamed.num_rows else []

@@ -11,6 +11,12 @@ Example::
 A record whose condition is null (for example `dep_delay > 15` with an
 empty `dep_delay`) is dropped like a false one, as in SQL's WHERE. Dropped
 records are counted as `filtered` in the run summary.
+
+Polars parses the condition. Conditions that `to_arrow_expression`
+translates (comparisons, `AND`, `OR`, `NOT`, `IS NULL`, `+`, `-`, `*` over
+fields and literals) are evaluated with Arrow compute on the batch, with the
+same result. Other conditions, and batches where a compared float
+contains NaN, are evaluated by Polars.
 """
 
 from __future__ import annotations
@@ -29,10 +35,16 @@ from dataflare.plugin.interface import (
     Transform,
 )
 from dataflare.transforms.expressions import (
+    ArrowExpression,
+    ArrowFallback,
     check_expression,
+    empty_batch,
     parse_expression,
+    to_arrow_expression,
     to_polars,
 )
+
+_MASK = "__condition"
 
 
 class FilterConfig(PluginConfig):
@@ -58,7 +70,7 @@ class FilterTransform(Transform[FilterConfig]):
                     f"got {inputs[0].names} and {other.names}"
                 )
         expr = check_expression(self.config.condition, inputs[0], where="condition")
-        empty = to_polars(pa.RecordBatch.from_pylist([], schema=inputs[0]))
+        empty = to_polars(empty_batch(inputs[0]))
         dtype = empty.select(expr.alias("condition")).schema["condition"]
         if dtype not in (pl.Boolean, pl.Null):
             raise ConfigError(
@@ -70,17 +82,39 @@ class FilterTransform(Transform[FilterConfig]):
 
     def open(self) -> None:
         self._expr: pl.Expr | None = None
+        self._schema: pa.Schema | None = None
+        self._arrow: ArrowExpression | None = None
 
     def process(
         self, batch: pa.RecordBatch, input_index: int = 0
     ) -> list[pa.RecordBatch]:
+        mask = self._mask(batch)
+        kept_rows = mask.true_count  # nulls are not counted, so they drop
+        self.context.count("filtered", batch.num_rows - kept_rows)
+        if kept_rows == batch.num_rows:
+            return [batch] if kept_rows else []
+        return [batch.filter(mask)] if kept_rows else []
+
+    def _mask(self, batch: pa.RecordBatch) -> pa.BooleanArray:
+        """Evaluate the condition with Arrow compute, or with Polars where needed."""
+        if self._schema is None or not batch.schema.equals(self._schema):
+            self._prepare(batch.schema)
+        if self._arrow is not None:
+            try:
+                return self._arrow.evaluate(batch)
+            except (ArrowFallback, pa.ArrowException):
+                pass  # Polars gives the result, or the error, below
+        assert self._expr is not None
+        # with_columns repeats a constant condition (`FALSE`) on every row
+        condition = self._expr.fill_null(False).alias(_MASK)
+        frame = to_polars(batch).with_columns(condition)
+        return frame.get_column(_MASK).to_arrow()
+
+    def _prepare(self, schema: pa.Schema) -> None:
         if self._expr is None:
             self._expr = parse_expression(
-                self.config.condition, batch.schema.names, where="condition"
+                self.config.condition, schema.names, where="condition"
             )
-        expr = self._expr
-        assert expr is not None
-        mask = to_polars(batch).select(expr.fill_null(False)).to_series()
-        kept = batch.filter(mask.to_arrow())
-        self.context.count("filtered", batch.num_rows - kept.num_rows)
-        return [kept] if kept.num_rows else []
+        arrow = to_arrow_expression(self._expr, schema)
+        self._arrow = arrow if arrow is not None and arrow.type == pa.bool_() else None
+        self._schema = schema

@@ -68,6 +68,7 @@ from dataflare.transforms.cast import (
     drop_rejected,
     type_kind,
 )
+from dataflare.transforms.expressions import empty_batch
 
 TransformName = Literal[
     "uppercase", "lowercase", "trim", "string", "int", "float", "boolean", "timestamp"
@@ -164,6 +165,16 @@ class _Column:
     values: pa.Array
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Output plan of `process` for inputs with schema `input`."""
+
+    input: pa.Schema
+    output: pa.Schema
+    copied: list[int]  # input columns that follow the mapped ones
+    defaults: list[pa.Scalar | None]  # each mapping's default, as its output type
+
+
 class MappingTransform(Transform[MappingConfig]):
     """Build output records from field mappings, with conversions and defaults."""
 
@@ -174,54 +185,84 @@ class MappingTransform(Transform[MappingConfig]):
 
     def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
         schema = inputs[0]
-        empty = pa.RecordBatch.from_pylist([], schema=schema)
+        empty = empty_batch(schema)
         columns = []
         for index, mapping in enumerate(self.config.mappings):
             source = _source_type(schema, mapping.source, f"mappings.{index}.source")
             _check_mapping(index, mapping, source)
             values = _apply(mapping, _read(empty, mapping.source)).values
             columns.append(_Column(mapping.path, values))
-        return self._assemble(empty, columns).schema
+        return _assemble(empty, columns, self._copied(schema)).schema
 
     def open(self) -> None:
-        self._schemas: dict[pa.Schema, pa.Schema] = {}
+        self._layout: _Layout | None = None
 
     def process(
         self, batch: pa.RecordBatch, input_index: int = 0
     ) -> list[pa.RecordBatch]:
-        if batch.schema not in self._schemas:
-            self._schemas[batch.schema] = self.output_schema([batch.schema])
+        layout = self._layout
+        if layout is None or not batch.schema.equals(layout.input):
+            layout = self._layout = self._make_layout(batch.schema)
         columns = []
         reasons: dict[int, list[str]] = {}
-        for mapping in self.config.mappings:
-            result = _apply(mapping, _read(batch, mapping.source))
+        for mapping, default in zip(self.config.mappings, layout.defaults, strict=True):
+            result = _apply(mapping, _read(batch, mapping.source), default)
             columns.append(_Column(mapping.path, result.values))
             for row, reason in result.reasons.items():
                 reasons.setdefault(row, []).append(reason)
-        mapped = self._assemble(batch, columns).cast(self._schemas[batch.schema])
+        mapped = _assemble(batch, columns, layout.copied)
+        if not mapped.schema.equals(layout.output):
+            mapped = mapped.cast(layout.output)
         kept = drop_rejected(self, batch, mapped, reasons)
         return [kept] if kept.num_rows else []
 
-    def _assemble(
-        self, batch: pa.RecordBatch, columns: list[_Column]
-    ) -> pa.RecordBatch:
-        names: list[str] = []
-        arrays: list[pa.Array] = []
-        for name, values in _nest(columns):
-            names.append(name)
-            arrays.append(values)
-        read = {_top_level(batch.schema, m.source) for m in self.config.mappings}
-        for name, values in zip(batch.schema.names, batch.columns, strict=True):
-            if name in names:
-                continue
-            kept = self.config.keep_unmapped and name not in read
-            if kept or name in RESERVED_COLUMNS:
-                names.append(name)
-                arrays.append(values)
-        reserved = [n for n in names if n in RESERVED_COLUMNS]
-        order = [n for n in names if n not in RESERVED_COLUMNS] + reserved
-        by_name = dict(zip(names, arrays, strict=True))
-        return pa.RecordBatch.from_arrays([by_name[n] for n in order], names=order)
+    def _make_layout(self, schema: pa.Schema) -> _Layout:
+        output = self.output_schema([schema])
+        defaults: list[pa.Scalar | None] = []
+        for mapping in self.config.mappings:
+            source = _source_type(schema, mapping.source, "")
+            output_type = _output_type(mapping, source)
+            if mapping.default is None:
+                defaults.append(None)
+            else:
+                defaults.append(_default_scalar(mapping, output_type))
+        return _Layout(schema, output, self._copied(schema), defaults)
+
+    def _copied(self, schema: pa.Schema) -> list[int]:
+        """Return the input columns copied to the output, reserved ones last.
+
+        A destination replaces an input field of the same name. With
+        `keep_unmapped`, the fields that no mapping reads are copied, and the
+        reserved stream columns always are.
+        """
+        mappings = self.config.mappings
+        destinations = {mapping.path[0] for mapping in mappings}
+        read = {_top_level(schema, mapping.source) for mapping in mappings}
+        copied = [
+            index
+            for index, name in enumerate(schema.names)
+            if name not in destinations
+            and (
+                (self.config.keep_unmapped and name not in read)
+                or name in RESERVED_COLUMNS
+            )
+        ]
+        reserved = [i for i in copied if schema.names[i] in RESERVED_COLUMNS]
+        return [i for i in copied if i not in reserved] + reserved
+
+
+def _assemble(
+    batch: pa.RecordBatch, columns: list[_Column], copied: list[int]
+) -> pa.RecordBatch:
+    """Return the mapped columns, nested into structs, then the `copied` inputs."""
+    nested = _nest(columns)
+    names = [name for name, _ in nested]
+    arrays = [values for _, values in nested]
+    input_names = batch.schema.names
+    for index in copied:
+        names.append(input_names[index])
+        arrays.append(batch.column(index))
+    return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
 def _source_type(schema: pa.Schema, source: str, where: str) -> pa.DataType:
@@ -275,7 +316,7 @@ def _check_mapping(index: int, mapping: FieldMapping, source: pa.DataType) -> No
             raise ConfigError(str(exc), where=f"{where}.transform") from None
     if mapping.default is not None:
         try:
-            _default_array(mapping, _output_type(mapping, source), 1)
+            _default_scalar(mapping, _output_type(mapping, source))
         except ValueError as exc:
             raise ConfigError(str(exc), where=f"{where}.default") from None
 
@@ -295,8 +336,14 @@ def _read(batch: pa.RecordBatch, source: str) -> pa.Array:
     return pc.struct_field(batch.column(first), rest)
 
 
-def _apply(mapping: FieldMapping, values: pa.Array) -> Conversion:
-    """Apply the mapping's transform and default to the source values."""
+def _apply(
+    mapping: FieldMapping, values: pa.Array, default: pa.Scalar | None = None
+) -> Conversion:
+    """Apply the mapping's transform and default to the source values.
+
+    `default` is the mapping's default as a scalar of the output type, made
+    once per input schema. Without it, the default is converted here.
+    """
     name = mapping.source
     if mapping.transform in CONVERSION_TYPES:
         result = convert(
@@ -308,12 +355,14 @@ def _apply(mapping: FieldMapping, values: pa.Array) -> Conversion:
     else:
         result = Conversion(values)
     if mapping.default is not None:
-        result.values = _fill_default(mapping, result.values, values)
+        if default is None or default.type != result.values.type:
+            default = _default_scalar(mapping, result.values.type)
+        result.values = _fill_default(mapping, result.values, values, default)
     return result
 
 
 def _fill_default(
-    mapping: FieldMapping, result: pa.Array, source: pa.Array
+    mapping: FieldMapping, result: pa.Array, source: pa.Array, default: pa.Scalar
 ) -> pa.Array:
     """Write the default where the source is null or blank.
 
@@ -327,12 +376,11 @@ def _fill_default(
     if converts_text and type_kind(source.type) == "string":
         blank = pc.equal(pc.utf8_trim_whitespace(source.cast(pa.string())), "")
         missing = pc.or_(missing, pc.fill_null(blank, False))
-    default = _default_array(mapping, result.type, len(result))
     return pc.if_else(missing, default, result)
 
 
-def _default_array(mapping: FieldMapping, dtype: pa.DataType, length: int) -> pa.Array:
-    """Return `length` copies of the mapping's default as type `dtype`.
+def _default_scalar(mapping: FieldMapping, dtype: pa.DataType) -> pa.Scalar:
+    """Return the mapping's default as a scalar of type `dtype`.
 
     Raises:
         ValueError: the default is not a valid value of `dtype`.
@@ -344,8 +392,8 @@ def _default_array(mapping: FieldMapping, dtype: pa.DataType, length: int) -> pa
             converted = convert(pa.array([value]), dtype, name="default")
             if converted.reasons:
                 raise ValueError(converted.reasons[0])
-            return pa.repeat(converted.values[0], length)
-        return pa.repeat(scalar.cast(dtype), length)
+            return converted.values[0]
+        return scalar.cast(dtype)
     except (
         pa.ArrowInvalid,
         pa.ArrowTypeError,

@@ -16,6 +16,16 @@ The query reads the batch as the table `input` (set `table` to use another
 name) and runs on Polars' SQL engine (`polars.SQLContext`), so the SQL
 dialect and functions are those of Polars SQL.
 
+A query of the form `SELECT items FROM input [WHERE condition]`, whose
+items and condition use only fields, integer, text and boolean literals,
+comparisons, `AND`, `OR`, `NOT`, `IS [NOT] NULL`, `+`, `-` and `*`, runs
+with Arrow compute on the batch instead, planned once per input schema. It
+gives the same values, types, nulls and names, because Polars parses the
+query and its plan is checked against the parts that Arrow runs. Converting
+a batch to Polars and back costs a few hundred microseconds per call, which
+that path avoids. Other queries, and batches where a compared float
+contains NaN, run on Polars SQL.
+
 The query reads one batch at a time. Aggregates, `GROUP BY`, `ORDER BY`,
 `DISTINCT`, `LIMIT` and window functions therefore work per batch, and how
 records fall into batches depends on the source and the engine. Use the
@@ -38,6 +48,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import polars as pl
 import pyarrow as pa
@@ -46,12 +57,20 @@ from pydantic import Field
 from dataflare.plugin.interface import (
     ConfigError,
     FieldNotFoundError,
+    OperatorContext,
     PluginConfig,
     PluginKind,
     PluginMetadata,
     Transform,
 )
-from dataflare.transforms.expressions import to_polars
+from dataflare.transforms.expressions import (
+    ArrowExpression,
+    ArrowFallback,
+    empty_batch,
+    polars_dtype,
+    to_arrow_expression,
+    to_polars,
+)
 
 _MISSING_COLUMN = re.compile(r'unable to find column "([^"]+)"')
 
@@ -75,11 +94,60 @@ class SqlTransform(Transform[SqlConfig]):
     )
     Config = SqlConfig
 
+    def __init__(self, config: SqlConfig, context: OperatorContext) -> None:
+        super().__init__(config, context)
+        self._schemas: dict[pa.Schema, pa.Schema] = {}
+        self._plans: dict[pa.Schema, _Plan] = {}
+        self._last: _Plan | None = None
+        self._context = pl.SQLContext()  # reused by the batches that Polars runs
+
     def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
         schema = inputs[0]
-        empty = to_polars(pa.RecordBatch.from_pylist([], schema=schema))
+        output = self._schemas.get(schema)
+        if output is None:
+            output = self._schemas[schema] = self._check(schema)
+        return output
+
+    def process(
+        self, batch: pa.RecordBatch, input_index: int = 0
+    ) -> list[pa.RecordBatch]:
+        if batch.num_rows == 0:
+            return []
+        plan = self._plan(batch.schema)
+        if plan.arrow is not None:
+            try:
+                return plan.arrow.run(batch)
+            except (ArrowFallback, pa.ArrowException):
+                pass  # Polars SQL gives the result, or the error, below
+        return self._run_polars(batch, plan.output)
+
+    def _run_polars(
+        self, batch: pa.RecordBatch, output: pa.Schema
+    ) -> list[pa.RecordBatch]:
         try:
-            result = self._run(empty)
+            self._context.register(self.config.table, to_polars(batch))
+            result = self._context.execute(self.config.query, eager=True)
+        except pl.exceptions.PolarsError as exc:
+            self.context.reject(
+                batch,
+                f"SQL query failed on the batch with this record: "
+                f"{_first_line(exc)}; fix the query (TRY_CAST gives null for "
+                "values that do not convert) or the input",
+            )
+            return []
+        table = result.to_arrow().cast(output).combine_chunks()
+        return [part for part in table.to_batches() if part.num_rows]
+
+    def _check(self, schema: pa.Schema) -> pa.Schema:
+        """Run the query on no rows and return the output schema.
+
+        Raises:
+            FieldNotFoundError: the query reads a field `schema` lacks.
+            ConfigError: the query is invalid or not a SELECT statement.
+        """
+        context = pl.SQLContext({self.config.table: to_polars(empty_batch(schema))})
+        try:
+            result = context.execute(self.config.query, eager=True)
         except pl.exceptions.ColumnNotFoundError as exc:
             match = _MISSING_COLUMN.search(str(exc))
             if match:
@@ -104,33 +172,168 @@ class SqlTransform(Transform[SqlConfig]):
             )
         return _arrow_schema(result, schema)
 
-    def open(self) -> None:
-        self._schemas: dict[pa.Schema, pa.Schema] = {}
+    def _plan(self, schema: pa.Schema) -> _Plan:
+        """Return how the query runs on `schema`, made once per schema."""
+        if self._last is not None and schema.equals(self._last.input):
+            return self._last
+        plan = self._plans.get(schema)
+        if plan is None:
+            output = self.output_schema([schema])
+            arrow = _ArrowQuery.compile(self.config.query, self.config.table, schema)
+            if arrow is not None and not arrow.schema.equals(output):
+                arrow = None
+            plan = self._plans[schema] = _Plan(schema, output, arrow)
+        self._last = plan
+        return plan
 
-    def process(
-        self, batch: pa.RecordBatch, input_index: int = 0
-    ) -> list[pa.RecordBatch]:
-        if batch.num_rows == 0:
-            return []
-        schema = self._schemas.get(batch.schema)
-        if schema is None:
-            schema = self._schemas[batch.schema] = self.output_schema([batch.schema])
+
+@dataclass(frozen=True)
+class _Plan:
+    """Execution plan of the query for batches with schema `input`."""
+
+    input: pa.Schema
+    output: pa.Schema
+    arrow: _ArrowQuery | None  # None: every batch runs on Polars SQL
+
+
+@dataclass(frozen=True)
+class _ArrowQuery:
+    """A query `SELECT items FROM table [WHERE condition]` run with Arrow compute.
+
+    It gives the values, nulls, types and names of Polars SQL for the items
+    and conditions that `to_arrow_expression` translates.
+    """
+
+    columns: list[int]  # the input columns that the items read
+    where: ArrowExpression | None  # over the whole input batch
+    items: list[ArrowExpression]  # over `columns` of the input batch
+    casts: list[pa.DataType | None]  # to the output type, where it differs
+    schema: pa.Schema
+
+    @staticmethod
+    def compile(query: str, table: str, schema: pa.Schema) -> _ArrowQuery | None:
+        """Translate `query` for batches with `schema`, or return None.
+
+        The items and condition are parsed by Polars, and the plan that
+        Polars SQL makes of the whole query must print the same as the
+        plan built from those parts, so the parts mean what the query does.
+        """
+        parts = _split_select(query)
+        if parts is None:
+            return None
+        texts, condition = parts
+        empty = to_polars(empty_batch(schema))
         try:
-            result = self._run(to_polars(batch))
-        except pl.exceptions.PolarsError as exc:
-            self.context.reject(
-                batch,
-                f"SQL query failed on the batch with this record: "
-                f"{_first_line(exc)}; fix the query (TRY_CAST gives null for "
-                "values that do not convert) or the input",
-            )
-            return []
-        table = result.to_arrow().cast(schema).combine_chunks()
-        return [part for part in table.to_batches() if part.num_rows]
+            items = _parse_items(texts, schema)
+            where = None if condition is None else pl.sql_expr(condition)
+            built = empty.lazy() if where is None else empty.lazy().filter(where)
+            planned = pl.SQLContext({table: empty}).execute(query)
+            built_plan = built.select(items).explain(optimized=False)
+            query_plan = planned.explain(optimized=False)
+        except Exception:  # polars raises several error types for bad SQL
+            return None
+        if built_plan != query_plan:
+            return None
+        return _ArrowQuery._translate(items, where, schema)
 
-    def _run(self, frame: pl.DataFrame) -> pl.DataFrame:
-        context = pl.SQLContext({self.config.table: frame})
-        return context.execute(self.config.query, eager=True)
+    @staticmethod
+    def _translate(
+        items: list[pl.Expr], where: pl.Expr | None, schema: pa.Schema
+    ) -> _ArrowQuery | None:
+        arrow_where = None
+        if where is not None:
+            arrow_where = to_arrow_expression(where, schema)
+            if arrow_where is None or arrow_where.type != pa.bool_():
+                return None
+        read = {name for item in items for name in item.meta.root_names()}
+        columns = [i for i, name in enumerate(schema.names) if name in read]
+        source = pa.schema([schema.field(i) for i in columns])
+        result = to_polars(empty_batch(source)).select(items)
+        output = _arrow_schema(result, schema)
+        arrow_items: list[ArrowExpression] = []
+        casts: list[pa.DataType | None] = []
+        for item, field in zip(items, output, strict=True):
+            arrow = to_arrow_expression(item, source)
+            if arrow is None or polars_dtype(arrow.type) != result[field.name].dtype:
+                return None
+            arrow_items.append(arrow)
+            casts.append(None if arrow.type == field.type else field.type)
+        return _ArrowQuery(columns, arrow_where, arrow_items, casts, output)
+
+    def run(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
+        """Run the query on `batch`.
+
+        Raises:
+            ArrowFallback: Polars must run the query on this batch.
+        """
+        source = batch.select(self.columns)
+        if self.where is not None:
+            mask = self.where.evaluate(batch)
+            kept_rows = mask.true_count  # nulls are not counted, so they drop
+            if kept_rows == 0:
+                return []
+            if kept_rows < batch.num_rows:
+                source = source.filter(mask)
+        arrays = []
+        for item, cast in zip(self.items, self.casts, strict=True):
+            values = item.evaluate(source)
+            arrays.append(values if cast is None else values.cast(cast))
+        return [pa.RecordBatch.from_arrays(arrays, schema=self.schema)]
+
+
+# Tokens of a query: blanks, quoted text and names, words, comment starts and
+# any other single character.
+_TOKENS = re.compile(r"""\s+|'(?:[^']|'')*'|"(?:[^"]|"")*"|\w+|--|/\*|.""", re.DOTALL)
+_NAME = re.compile(r'[A-Za-z_]\w*|"(?:[^"]|"")+"')
+_CLAUSES = ("SELECT", "FROM", "WHERE")
+
+
+def _split_select(query: str) -> tuple[list[str], str | None] | None:
+    """Split `SELECT items FROM table [WHERE condition]` into items and condition.
+
+    Returns None for any other shape: joins, GROUP BY, ORDER BY, LIMIT,
+    DISTINCT, set operations, subqueries in the FROM clause and comments.
+    """
+    depth = 0
+    clauses: list[tuple[str, int, int]] = []  # keyword, start, end
+    commas: list[int] = []
+    for match in _TOKENS.finditer(query):
+        token = match.group()
+        if token in ("--", "/*", "'", '"'):
+            return None
+        depth += {"(": 1, ")": -1}.get(token, 0)
+        if depth == 0 and token == ",":
+            commas.append(match.start())
+        elif depth == 0 and token.upper() in _CLAUSES:
+            clauses.append((token.upper(), match.start(), match.end()))
+
+    keywords = [keyword for keyword, _, _ in clauses]
+    if keywords not in (["SELECT", "FROM"], ["SELECT", "FROM", "WHERE"]):
+        return None
+    (_, select, select_end), (_, source, source_end), *where = clauses
+    table_end = where[0][1] if where else len(query)
+    if query[:select].strip() or any(comma > source for comma in commas):
+        return None
+    if not _NAME.fullmatch(query[source_end:table_end].strip()):
+        return None
+
+    starts = [select_end] + [comma + 1 for comma in commas]
+    ends = [*commas, source]
+    items = [query[a:b].strip() for a, b in zip(starts, ends, strict=True)]
+    condition = query[where[0][2] :].strip() if where else None
+    if not all(items) or condition == "":
+        return None
+    return items, condition
+
+
+def _parse_items(texts: list[str], schema: pa.Schema) -> list[pl.Expr]:
+    items: list[pl.Expr] = []
+    for text in texts:
+        if text == "*":
+            items.extend(pl.col(name) for name in schema.names)
+        else:
+            items.append(pl.sql_expr(text))
+    return items
 
 
 def _first_line(exc: Exception) -> str:
@@ -147,17 +350,11 @@ def _arrow_schema(result: pl.DataFrame, inputs: pa.Schema) -> pa.Schema:
     fields = []
     for field in result.to_arrow().schema:
         source = inputs.field(field.name) if field.name in inputs.names else None
-        if source is not None and _same_polars_type(source.type, result[field.name]):
+        if source is not None and polars_dtype(source.type) == result[field.name].dtype:
             fields.append(field.with_type(source.type))
         else:
             fields.append(field.with_type(_standard_type(field.type)))
     return pa.schema(fields)
-
-
-def _same_polars_type(dtype: pa.DataType, column: pl.Series) -> bool:
-    empty = pl.from_arrow(pa.array([], type=dtype))
-    assert isinstance(empty, pl.Series)
-    return empty.dtype == column.dtype
 
 
 def _standard_type(dtype: pa.DataType) -> pa.DataType:
