@@ -6,10 +6,13 @@ records sent.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -19,6 +22,7 @@ from dataflare import api
 from dataflare.connectors.files.csv import CsvSink, CsvSinkConfig
 from dataflare.connectors.files.parquet import ParquetSink, ParquetSinkConfig
 from dataflare.streaming.errors import PipelineRunError
+from dataflare.streaming.runner import PipelineRun
 
 SCHEMA = pa.schema([("id", pa.int64()), ("name", pa.string()), ("score", pa.float64())])
 
@@ -254,3 +258,74 @@ def test_filter_removing_all_records_writes_header(tmp_path: Path) -> None:
     summary = p.run()
     assert summary.records_written == 0
     assert out.read_text() == '"a","b"\n'
+
+
+def wait_for(condition: Any, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_roll_interval_closes_idle_file(tmp_path: Path) -> None:
+    directory = tmp_path / "parts"
+    sink = csv_sink(directory, roll_interval="100ms")
+    sink.write(batch(0, 3))
+
+    # No further write: the timer closes the file once it is 100 ms old.
+    first = directory / "part-00000.csv"
+    assert wait_for(first.exists)
+    assert not list(directory.glob(".*inprogress"))
+    assert pd.read_csv(first).equals(expected_frame(batch(0, 3)))
+    assert sink.info().paths == [str(first)]
+
+    sink.write(batch(3, 2))
+    sink.flush()
+    sink.close()
+    parts = sorted(directory.iterdir())
+    assert [p.name for p in parts] == ["part-00000.csv", "part-00001.csv"]
+    assert pd.read_csv(parts[1]).equals(expected_frame(batch(3, 2)))
+
+
+def test_roll_interval_idle_file_in_pipeline(tmp_path: Path) -> None:
+    source = tmp_path / "live.jsonl"
+    source.write_bytes(b'{"id": 1}\n{"id": 2}\n')
+    out = tmp_path / "parts"
+    p = api.Pipeline("idle-roll")
+    live = p.source(
+        "live",
+        "jsonl",
+        path=str(source),
+        follow=True,
+        poll_interval="5ms",
+        schema={"id": "int"},
+    )
+    p.destination("out", "jsonl", [live], path=str(out), roll_interval="200ms")
+    run = PipelineRun(p.build())
+    runner = threading.Thread(target=run.run)
+    runner.start()
+    try:
+        # The input stays idle after two lines, yet the part file is published.
+        published = out / "part-00000.jsonl"
+        assert wait_for(published.exists)
+        assert pl.read_ndjson(published)["id"].to_list() == [1, 2]
+    finally:
+        run.stop()
+        runner.join(timeout=20)
+    assert not runner.is_alive()
+
+
+def test_roll_timer_error_fails_next_write(tmp_path: Path) -> None:
+    directory = tmp_path / "parts"
+    sink = csv_sink(directory, roll_interval="50ms", overwrite=False)
+    sink.write(batch(0, 2))
+    (directory / "part-00000.csv").write_text("written by someone else\n")
+
+    # The timer's rename finds the file, and the next write raises the error.
+    assert wait_for(lambda: not list(directory.glob(".*inprogress")))
+    with pytest.raises(FileExistsError, match="appeared while the run wrote it"):
+        sink.write(batch(2, 2))
+    sink.close()
+    assert (directory / "part-00000.csv").read_text() == "written by someone else\n"

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pandas as pd
+import polars as pl
 import pyarrow as pa
 import pyarrow.json as pajson
 import pytest
@@ -22,6 +23,8 @@ from dataflare.connectors.files.jsonl import (
     JsonLinesSinkConfig,
     JsonLinesSource,
     JsonLinesSourceConfig,
+    encode_json_lines,
+    timestamps_as_text,
 )
 from dataflare.plugin.interface import Idle, SourceBatch
 from dataflare.streaming.runner import PipelineRun
@@ -247,9 +250,9 @@ def test_bad_lines_rejected_with_line_numbers(
     assert reason.startswith("invalid JSON at column 1")
     record, reason = rejected[f"{path} line 4"]
     assert record == {"id": "seven", "at": "2024-01-01T00:00:00Z"}
-    assert reason == "field 'id': value 'seven' is not a valid integer"
+    assert reason == "field 'id': value \"seven\" is not a valid integer"
     assert rejected[f"{path} line 5"][1] == (
-        "field 'at': value 'yesterday' is not a valid timestamp (ISO 8601)"
+        "field 'at': value \"yesterday\" is not a valid timestamp (ISO 8601)"
     )
     assert rejected[f"{path} line 6"][1] == "expected a JSON object, found an array"
     assert rejected[f"{path} line 7"][1].startswith("invalid JSON at column 11")
@@ -272,8 +275,8 @@ def test_bad_line_in_large_block(tmp_path: Path, context: RecordingContext) -> N
     assert table.column("id").to_pylist() == expected
     assert positions(batches) == [f"{path} line {i}" for i in expected]
     assert [(r[1], r[2]) for r in context.rejected] == [
-        ("field 'id': value 'bad' is not a valid integer", f"{path} line 2500"),
-        ("field 'v': value 'NaN?' is not a valid number", f"{path} line 4000"),
+        ("field 'id': value \"bad\" is not a valid integer", f"{path} line 2500"),
+        ("field 'v': value \"NaN?\" is not a valid number", f"{path} line 4000"),
     ]
 
 
@@ -558,3 +561,302 @@ def test_sink_rolls_files(tmp_path: Path) -> None:
     ]
     assert ids == list(range(1000))
     assert not list(out.glob("*.inprogress"))
+
+
+# --- blocks parsed on several threads ------------------------------------------
+
+
+def mixed_lines(count: int) -> tuple[bytes, set[int], set[int]]:
+    """Return JSON lines with some blank and bad ones, and those line numbers."""
+    lines: list[bytes] = []
+    blank: set[int] = set()
+    bad: set[int] = set()
+    for i in range(1, count + 1):
+        if i % 997 == 0:
+            lines.append(b"  ")
+            blank.add(i)
+        elif i % 1499 == 0:
+            lines.append(b'{"id": "x%d"}' % i)
+            bad.add(i)
+        else:
+            row = {
+                "id": i,
+                "name": f"n{i}",
+                "score": i / 8,
+                "at": f"2024-01-01T00:00:{i % 60:02d}Z",
+            }
+            lines.append(orjson.dumps(row))
+    ends = [b"\r\n" if i % 5 == 0 else b"\n" for i in range(count)]
+    return (
+        b"".join(line + end for line, end in zip(lines, ends, strict=True)),
+        blank,
+        bad,
+    )
+
+
+SCHEMA = {"id": "int", "name": "string", "score": "float", "at": "timestamp"}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_give_same_records_and_positions(
+    tmp_path: Path, context: RecordingContext, threads: int
+) -> None:
+    data, blank, bad = mixed_lines(6000)
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(data)
+    source = make_source(
+        context, path, schema=SCHEMA, block_size=4096, parse_threads=threads
+    )
+
+    table, batches = read_all(source)
+    source.close()
+
+    good = [i for i in range(1, 6001) if i not in blank and i not in bad]
+    expected = pl.read_ndjson(
+        b"\n".join(
+            line for i, line in enumerate(data.splitlines(), 1) if i in set(good)
+        ),
+        schema={
+            "id": pl.Int64,
+            "name": pl.String,
+            "score": pl.Float64,
+            "at": pl.String,
+        },
+    )
+    assert len(batches) > 100  # 4 KiB blocks split the file
+    assert table.column("id").to_pylist() == expected["id"].to_list()
+    assert table.column("name").to_pylist() == expected["name"].to_list()
+    assert table.column("score").to_pylist() == expected["score"].to_list()
+    assert [t.isoformat() for t in table.column("at").to_pylist()] == [
+        dt.datetime.fromisoformat(t).isoformat() for t in expected["at"].to_list()
+    ]
+    assert positions(batches) == [f"{path} line {i}" for i in good]
+    assert [r[2] for r in context.rejected] == [f"{path} line {i}" for i in sorted(bad)]
+    assert source.progress().done == len(data)
+
+
+def test_checkpoint_offset_with_threads(tmp_path: Path) -> None:
+    rows = [{"id": i, "name": "x" * (i % 50)} for i in range(5000)]
+    path = tmp_path / "a.jsonl"
+    write_lines(path, rows)
+    data = path.read_bytes()
+    source = make_source(
+        RecordingContext(),
+        path,
+        schema={"id": "int", "name": "string"},
+        block_size=4096,
+        parse_threads=2,
+    )
+    source.open()
+    items = source.read()
+    seen = []
+    for _ in range(7):
+        item = next(items)
+        assert isinstance(item, SourceBatch)
+        seen += item.batch.column("id").to_pylist()
+    position = source.snapshot_position()
+    items.close()
+    source.close()
+
+    # The offset is just after the last line handed on, counted independently.
+    offset = position["files"][str(path)]["offset"]
+    assert offset == sum(len(line) + 1 for line in data.splitlines()[: len(seen)])
+    assert position["files"][str(path)]["lines"] == len(seen)
+    resumed = make_source(
+        RecordingContext(),
+        path,
+        schema={"id": "int", "name": "string"},
+        parse_threads=2,
+    )
+    resumed.restore_position(position)
+    rest, batches = read_all(resumed)
+    resumed.close()
+    assert seen + rest.column("id").to_pylist() == list(range(5000))
+    assert positions(batches)[0] == f"{path} line {len(seen) + 1}"
+
+
+def test_line_longer_than_block(tmp_path: Path, context: RecordingContext) -> None:
+    rows = [
+        {"id": 1, "text": "a"},
+        {"id": 2, "text": "b" * 20_000},
+        {"id": 3, "text": "c"},
+    ]
+    path = tmp_path / "long.jsonl"
+    write_lines(path, rows)
+
+    table, batches = read_all(make_source(context, path, block_size=4096))
+
+    assert table.to_pylist() == rows
+    assert positions(batches) == [f"{path} line {i}" for i in (1, 2, 3)]
+
+
+def test_two_objects_and_blank_line_in_one_block(
+    tmp_path: Path, context: RecordingContext
+) -> None:
+    # As many records as lines, but line 2 has two objects and line 3 none.
+    path = tmp_path / "tricky.jsonl"
+    path.write_bytes(b'{"id": 1}\n{"id": 2}{"id": 3}\n\n{"id": 4}\n')
+
+    table, batches = read_all(make_source(context, path, schema={"id": "int"}))
+
+    assert table.column("id").to_pylist() == [1, 4]
+    assert positions(batches) == [f"{path} line 1", f"{path} line 4"]
+    assert [r[2] for r in context.rejected] == [f"{path} line 2"]
+
+
+def test_reasons_show_json_text(tmp_path: Path, context: RecordingContext) -> None:
+    path = tmp_path / "values.jsonl"
+    path.write_bytes(
+        b'{"id": true}\n'
+        b'{"id": 1e20}\n'
+        b'{"id": [1, null]}\n'
+        b'{"id": NaN}\n'
+        b'{"id": 1, "ok": "maybe"}\n'
+        b'{"id": 2, "ok": {"a": false}}\n'
+    )
+    source = make_source(context, path, schema={"id": "int", "ok": "bool"})
+
+    read_all(source)
+
+    assert [r[1] for r in context.rejected] == [
+        "field 'id': value true is not a valid integer",
+        "field 'id': value 1e20 is out of range for int64 "
+        "(-9223372036854775808 to 9223372036854775807)",
+        "field 'id': value [1,null] is not a valid integer",
+        "field 'id': value NaN is not a valid integer",
+        "field 'ok': value \"maybe\" is not a valid boolean (true or false)",
+        "field 'ok': value {\"a\":false} is not a valid boolean (true or false)",
+    ]
+
+
+# --- an unterminated last line in follow mode -------------------------------------
+
+
+def test_follow_leaves_unterminated_line_with_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "live.jsonl"
+    partial = b'{"id": 3, "na'
+    path.write_bytes(b'{"id": 1}\n{"id": 2}\n' + partial)
+    schema = {"id": "int", "name": "string"}
+    context = RecordingContext("live")
+    source = make_source(context, path, follow=True, poll_interval="1ms", schema=schema)
+    source.open()
+    items = source.read()
+    batch = next_batch(items)
+    assert batch is not None
+    assert batch.batch.column("id").to_pylist() == [1, 2]
+    assert isinstance(next(items), Idle)
+    context.stopping = True
+    position = source.snapshot_position()
+
+    with caplog.at_level("WARNING", logger="dataflare.test.live"):
+        source.close()
+
+    offset = len(b'{"id": 1}\n{"id": 2}\n')
+    assert position["files"][str(path)]["offset"] == offset
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"{path}: the last line has no newline, so its {len(partial)} bytes from "
+        f"byte offset {offset} were not read; a run that resumes from a checkpoint "
+        "reads them once the line ends with a newline"
+    ]
+
+    # Once the writer ends the line, a run resuming from the position reads it.
+    with path.open("ab") as file:
+        file.write(b'me": "c"}\n')
+    resumed = make_source(RecordingContext(), path, schema=schema)
+    resumed.restore_position(position)
+    rest, batches = read_all(resumed)
+    assert (
+        rest.to_pylist()
+        == pl.read_ndjson(path, schema={"id": pl.Int64, "name": pl.String})[
+            2:
+        ].to_dicts()
+    )
+    assert positions(batches) == [f"{path} line 3"]
+
+
+# --- encoding ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
+@pytest.mark.parametrize("zone", [None, "UTC", "Asia/Kolkata"])
+def test_timestamps_as_text_match_python(unit: str, zone: str | None) -> None:
+    moments = [
+        dt.datetime(2024, 2, 29, 23, 59, 59, 123456),
+        dt.datetime(1969, 12, 31, 23, 59, 59, 999999),
+        dt.datetime(1970, 1, 1),
+        dt.datetime(2261, 12, 31, 5, 6, 7, 1000),
+    ]
+    digits = {"s": 0, "ms": 3, "us": 6, "ns": 9}[unit]
+    values = pa.array([*moments, None], pa.timestamp("us")).cast(
+        pa.timestamp(unit), safe=False
+    )
+    if zone is not None:
+        values = values.cast(pa.timestamp(unit, tz="UTC")).cast(
+            pa.timestamp(unit, tz=zone)
+        )
+
+    text = timestamps_as_text(values).to_pylist()
+
+    expected: list[str | None] = []
+    for moment in values.cast(pa.timestamp(unit)).to_pylist()[:-1]:
+        if unit == "ns":
+            moment = moment.to_pydatetime()  # pandas Timestamp
+        fraction = f"{moment.microsecond:06d}000"[:digits]
+        written = moment.strftime("%Y-%m-%dT%H:%M:%S") + (
+            "." + fraction if digits else ""
+        )
+        expected.append(written + ("Z" if zone is not None else ""))
+    assert text == [*expected, None]
+
+
+def test_small_and_large_batches_encode_alike() -> None:
+    count = 1000
+    table = pa.table(
+        {
+            "id": pa.array(range(count), pa.int64()),
+            "name": [f'n "{i}" é\n' if i % 3 else None for i in range(count)],
+            "ok": [i % 2 == 0 for i in range(count)],
+            "score": [
+                (-1) ** i * 1.37**i * 10.0 ** (i % 40 - 25) for i in range(count)
+            ],
+            "day": pa.array([i for i in range(count)], pa.int32()).cast(pa.date32()),
+            "at": pa.array(
+                [i * 1_000_250 for i in range(count)], pa.timestamp("us", tz="UTC")
+            ),
+            "local": pa.array(
+                [i * 3_600_000_000_001 for i in range(count)], pa.timestamp("ns")
+            ),
+            "zoned": pa.array(
+                [i * 86_399 for i in range(count)], pa.timestamp("s", tz="Asia/Tokyo")
+            ),
+        }
+    )
+    batch = table.to_batches()[0]
+
+    whole = encode_json_lines(batch)
+    pieces = b"".join(
+        encode_json_lines(batch.slice(i, 10)) for i in range(0, count, 10)
+    )
+
+    assert pieces == whole
+    expected = []
+    for row, nanos in zip(
+        table.drop_columns(["local"]).to_pylist(),
+        table.column("local").cast(pa.int64()).to_pylist(),
+        strict=True,
+    ):
+        seconds, fraction = divmod(nanos, 1_000_000_000)
+        local = dt.datetime(1970, 1, 1) + dt.timedelta(seconds=seconds)
+        expected.append(
+            {
+                **row,
+                "day": row["day"].isoformat(),
+                "at": row["at"].strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "local": f"{local:%Y-%m-%dT%H:%M:%S}.{fraction:09d}",
+                "zoned": row["zoned"].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        )
+    assert [orjson.loads(line) for line in whole.splitlines()] == expected

@@ -93,7 +93,7 @@ def test_jsonl_with_bad_lines(
         ("{broken", "stdin line 3"),
         ({"id": "two"}, "stdin line 4"),
     ]
-    assert context.rejected[1][1] == "field 'id': value 'two' is not a valid integer"
+    assert context.rejected[1][1] == "field 'id': value \"two\" is not a valid integer"
 
 
 def test_jsonl_inferred_schema_keeps_lines(

@@ -17,17 +17,19 @@ Example::
 
 Each line contains one JSON object. The source parses blocks of complete lines
 with Arrow's JSON reader against the schema (the `schema` config, or types
-inferred from the first objects). When Arrow rejects a block, that block is
-parsed again line by line, so a line that is not JSON, or a value that does
-not fit its field's type, goes to the dead-letter output with the position
-`FILE line N`. The good lines of the block go on. Line numbers count every
-line, blank ones included. A UTF-8 byte order mark, CRLF line ends and a
-missing final newline are accepted.
+inferred from the first objects), several blocks at once on a thread pool,
+and hands the results on in file order. When Arrow rejects a block, that
+block is parsed again line by line, so a line that is not JSON, or a value
+that does not fit its field's type, goes to the dead-letter output with the
+position `FILE line N`. The good lines of the block go on. Line numbers
+count every line, blank ones included. A UTF-8 byte order mark, CRLF line
+ends and a missing final newline are accepted.
 
 With `follow: true` the source reads lines as they are appended (each one
 once its newline arrives) and files that appear later. It reads a file
 again from the start when the file shrinks or another file takes its name,
-as after log rotation.
+as after log rotation. A last line without a newline stays unread, and
+`close` logs a warning with its file and byte offset.
 
 The sink writes one JSON object per line. Timestamps become ISO 8601 strings
 (UTC ones end in `Z`), dates become `YYYY-MM-DD`, and binary values become
@@ -37,14 +39,17 @@ base64 strings.
 from __future__ import annotations
 
 import base64
+import collections
 import datetime as dt
 import decimal
 import io
 import json
+import math
 import os
 import re
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +96,9 @@ _UTC = pa.timestamp("us", tz="UTC")
 
 # --- parsing ---------------------------------------------------------------
 
+Block = bytes | bytearray
+"""Text of whole lines. The last line may lack its newline."""
+
 
 @dataclass
 class Rejects:
@@ -115,8 +123,46 @@ class ParsedBlock:
     rejects: Rejects
 
 
+@dataclass
+class BlockResult:
+    """Records parsed from one block, before the block's place in the input is known.
+
+    Line numbers count from 1 at the block's first line, so that blocks can
+    be parsed in any order, on any thread, and numbered once in input order.
+    """
+
+    batch: pa.RecordBatch
+    numbers: np.ndarray | None
+    """Line number of each record; None when record i is line i + 1."""
+    lines: int
+    """Lines in the block, blank ones and an unterminated last one included."""
+    rejected: list[tuple[Any, str, int]] = field(default_factory=list)
+    """Record, reason and line number of each rejected line."""
+
+    def at(self, name: str, first_line: int) -> ParsedBlock:
+        """Number the lines from `first_line`, naming the input `name`."""
+        shift = first_line - 1
+        rejects = Rejects()
+        for record, reason, number in self.rejected:
+            rejects.add(record, reason, f"{name} line {number + shift}")
+        if self.numbers is None:
+            origin: Origin = SequentialOrigin(name, first_line, unit="line")
+        elif (
+            len(self.numbers)
+            and self.numbers[-1] - self.numbers[0] == len(self.numbers) - 1
+        ):
+            first = int(self.numbers[0]) + shift
+            origin = SequentialOrigin(name, first, unit="line")
+        else:
+            origin = NumberedOrigin(name, (self.numbers + shift).tolist(), unit="line")
+        return ParsedBlock(self.batch, origin, rejects)
+
+
 class JsonLinesParser:
     """Parse blocks of JSON lines into record batches of a fixed schema.
+
+    `parse_block` may run on several threads at once: Arrow's reader
+    releases the GIL, so blocks parse in parallel.
 
     Args:
         schema: Schema of the batches returned.
@@ -139,31 +185,52 @@ class JsonLinesParser:
             newlines_in_values=False,
         )
 
-    def parse(self, block: bytes, first_line: int) -> ParsedBlock:
+    def parse(self, block: Block, first_line: int) -> ParsedBlock:
         """Parse `block`, whose first line is line `first_line` of the input.
 
         The block contains whole lines, and its last line may lack a newline.
         """
-        starts, ends = _line_bounds(block)
+        return self.parse_block(block).at(self.name, first_line)
+
+    def parse_block(self, block: Block) -> BlockResult:
+        """Parse `block`, numbering its lines from 1."""
+        data = np.frombuffer(block, dtype=np.uint8)
+        newlines = np.flatnonzero(data == _NEWLINE)
+        ends_open = bool(len(data)) and data[-1] != _NEWLINE
+        line_count = len(newlines) + int(ends_open)
+        if _one_object_per_line(data, newlines):
+            batch = self._read_arrow(block, len(block))
+            # Lines that each start with `{` and end with `}` cannot hold a
+            # blank line or share one object, so as many records as lines
+            # means one record per line.
+            if batch is not None and batch.num_rows == line_count:
+                return BlockResult(batch, None, line_count)
+        return self._parse_checked(block, newlines, line_count)
+
+    def _parse_checked(
+        self, block: Block, newlines: np.ndarray, line_count: int
+    ) -> BlockResult:
+        """Parse `block` line span by line span, rejecting the bad lines."""
+        starts, ends = _line_bounds(block, newlines)
         lines = np.flatnonzero(_non_blank(block, starts, ends))
-        span = _LineSpan(starts[lines], ends[lines], first_line + lines)
+        span = _LineSpan(starts[lines], ends[lines], lines + 1)
         pieces: list[tuple[pa.RecordBatch, np.ndarray]] = []
-        rejects = Rejects()
+        rejected: list[tuple[Any, str, int]] = []
         if len(lines):
-            self._parse_span(block, span, pieces, rejects)
+            self._parse_span(block, span, pieces, rejected)
         if len(pieces) == 1:
             batch, numbers = pieces[0]
         else:
             batch = pa.concat_batches([b for b, _ in pieces] or [self._empty()])
             numbers = np.concatenate([n for _, n in pieces] or [span.numbers])
-        return ParsedBlock(batch, self._origin(numbers), rejects)
+        return BlockResult(batch, numbers, line_count, rejected)
 
     def _parse_span(
         self,
-        block: bytes,
+        block: Block,
         span: _LineSpan,
         pieces: list[tuple[pa.RecordBatch, np.ndarray]],
-        rejects: Rejects,
+        rejected: list[tuple[Any, str, int]],
     ) -> None:
         """Parse the lines of `span`, halving it while Arrow rejects a part.
 
@@ -174,26 +241,36 @@ class JsonLinesParser:
         if batch is not None:
             pieces.append((batch, span.numbers))
         elif len(span.numbers) <= _LINE_BY_LINE_MAX:
-            pieces.append(self._parse_lines(block, span, rejects))
+            pieces.append(self._parse_lines(block, span, rejected))
         else:
             middle = len(span.numbers) // 2
-            self._parse_span(block, span.slice(0, middle), pieces, rejects)
-            self._parse_span(block, span.slice(middle, None), pieces, rejects)
+            self._parse_span(block, span.slice(0, middle), pieces, rejected)
+            self._parse_span(block, span.slice(middle, None), pieces, rejected)
 
     def _empty(self) -> pa.RecordBatch:
         return pa.RecordBatch.from_pylist([], schema=self.schema)
 
-    def _origin(self, numbers: np.ndarray) -> Origin:
-        if len(numbers) and numbers[-1] - numbers[0] == len(numbers) - 1:
-            return SequentialOrigin(self.name, int(numbers[0]), unit="line")
-        return NumberedOrigin(self.name, numbers.tolist(), unit="line")
-
-    def _parse_fast(self, block: bytes, span: _LineSpan) -> pa.RecordBatch | None:
+    def _parse_fast(self, block: Block, span: _LineSpan) -> pa.RecordBatch | None:
         """Parse with Arrow, or return None if any line needs a closer look."""
-        text = block[span.starts[0] : span.ends[-1]]
+        text = memoryview(block)[span.starts[0] : span.ends[-1]]
         longest = int((span.ends - span.starts).max())
+        batch = self._read_arrow(text, longest)
+        # Arrow accepts two objects on one line, so compare row and line counts.
+        if batch is None or batch.num_rows != len(span.numbers):
+            return None
+        return batch
+
+    def _read_arrow(
+        self, text: Block | memoryview, longest: int
+    ) -> pa.RecordBatch | None:
+        """Read `text` with Arrow's JSON reader on this thread.
+
+        Returns None if Arrow rejects any line or value.
+        """
         # Arrow's reader cannot parse a line longer than its block size.
-        read_options = pajson.ReadOptions(block_size=max(longest + 2, 1 << 16))
+        read_options = pajson.ReadOptions(
+            use_threads=False, block_size=max(longest + 2, 1 << 16)
+        )
         try:
             table = pajson.read_json(
                 pa.py_buffer(text),
@@ -201,9 +278,6 @@ class JsonLinesParser:
                 parse_options=self._parse_options,
             )
         except pa.ArrowInvalid:
-            return None
-        # Arrow accepts two objects on one line, so compare row and line counts.
-        if table.num_rows != len(span.numbers):
             return None
         columns = []
         for target, column in zip(self.schema, table.columns, strict=True):
@@ -216,7 +290,7 @@ class JsonLinesParser:
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
     def _parse_lines(
-        self, block: bytes, span: _LineSpan, rejects: Rejects
+        self, block: Block, span: _LineSpan, rejected: list[tuple[Any, str, int]]
     ) -> tuple[pa.RecordBatch, np.ndarray]:
         rows: list[dict[str, Any]] = []
         kept: list[int] = []
@@ -227,13 +301,13 @@ class JsonLinesParser:
             try:
                 rows.append(self.parse_line(block[start:end]))
             except LineError as exc:
-                rejects.add(exc.record, exc.reason, f"{self.name} line {number}")
+                rejected.append((exc.record, exc.reason, number))
                 continue
             kept.append(number)
         batch = pa.RecordBatch.from_pylist(rows, schema=self.schema)
         return batch, np.array(kept, dtype=np.int64)
 
-    def parse_line(self, line: bytes) -> dict[str, Any]:
+    def parse_line(self, line: Block) -> dict[str, Any]:
         """Parse one line into a row of the schema's fields.
 
         Raises:
@@ -248,7 +322,8 @@ class JsonLinesParser:
             try:
                 row[name] = convert(raw)
             except (ValueError, TypeError, OverflowError) as exc:
-                raise LineError(value, f"field {name!r}: value {raw!r} {exc}") from None
+                reason = f"field {name!r}: value {json_text(raw)} {exc}"
+                raise LineError(value, reason) from None
         return row
 
 
@@ -275,10 +350,44 @@ class LineError(ValueError):
         self.reason = reason
 
 
-def _line_bounds(block: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Return the start and end offsets of every line, newlines excluded."""
-    data = np.frombuffer(block, dtype=np.uint8)
-    newlines = np.flatnonzero(data == ord("\n"))
+_NEWLINE = ord("\n")
+_OPEN = ord("{")
+_CLOSE = ord("}")
+_RETURN = ord("\r")
+
+
+def _one_object_per_line(data: np.ndarray, newlines: np.ndarray) -> bool:
+    """Return True if every line starts with `{` and ends with `}`.
+
+    A CR before the line feed is allowed. Such lines are not blank, and no
+    JSON value can span two of them, because `}` followed by `{` is invalid
+    JSON outside strings and Arrow rejects a line feed inside a string.
+    """
+    size = len(data)
+    if size == 0 or data[0] != _OPEN:
+        return False
+    ends = newlines
+    if data[-1] != _NEWLINE:
+        ends = np.append(newlines, size)
+    starts = ends[:-1] + 1
+    if not (data[starts] == _OPEN).all():
+        return False
+    last = data[ends - 1]
+    if (last == _CLOSE).all():
+        return True
+    # CRLF line ends: look before the CR. A line that starts with `{` and
+    # ends with a CR has at least two bytes, so the index stays in the line.
+    crlf = last == _RETURN
+    if not (last[~crlf] == _CLOSE).all():
+        return False
+    return bool((data[ends[crlf] - 2] == _CLOSE).all())
+
+
+def _line_bounds(block: Block, newlines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the start and end offsets of every line, newlines excluded.
+
+    `newlines` are the offsets of the block's line feeds.
+    """
     ends = newlines
     if not block.endswith(b"\n"):
         ends = np.append(newlines, len(block))
@@ -286,19 +395,19 @@ def _line_bounds(block: bytes) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends.astype(np.int64)
 
 
-def _non_blank(block: bytes, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def _non_blank(block: Block, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Return a mask of the lines that contain a character other than whitespace."""
     data = np.frombuffer(block, dtype=np.uint8)
     result = ends > starts
     opens_object = np.zeros_like(result)
-    opens_object[result] = data[starts[result]] == ord("{")
+    opens_object[result] = data[starts[result]] == _OPEN
     # Only lines that do not start with `{` need a closer look.
     for line in np.flatnonzero(result & ~opens_object).tolist():
         result[line] = bool(block[starts[line] : ends[line]].strip())
     return result
 
 
-def _load_json(line: bytes) -> Any:
+def _load_json(line: Block) -> Any:
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -307,9 +416,28 @@ def _load_json(line: bytes) -> Any:
         try:
             return json.loads(line)
         except ValueError:
-            text = line.decode("utf-8", errors="replace").strip()
+            text = bytes(line).decode("utf-8", errors="replace").strip()
             reason = f"invalid JSON at column {exc.colno}: {exc.msg}"
             raise LineError(text, reason) from None
+
+
+def json_text(value: Any) -> str:
+    """Return `value` as JSON text, for messages: `true`, `null`, `"seven"`, `1e20`.
+
+    orjson writes a NaN or infinite number as null, so such a number is
+    spelled as Python's `json` module reads it (`NaN`, `Infinity`,
+    `-Infinity`). Inside an array or object it still shows as null.
+    """
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return json.dumps(value)
+        # orjson writes `1e+20`; the plus sign is optional in JSON.
+        return orjson.dumps(value).decode().replace("e+", "e")
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        # orjson writes no integers beyond 64 bits.
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _json_kind(value: Any) -> str:
@@ -534,10 +662,16 @@ def sample_objects(lines: Iterable[bytes], limit: int) -> list[dict[str, Any]]:
 
 class JsonLinesSourceConfig(FileSourceConfig):
     block_size: int = Field(
-        1 << 20, ge=1 << 12, description="Bytes read and parsed at a time"
+        4 << 20, ge=1 << 12, description="Bytes read and parsed at a time"
     )
     infer_rows: int = Field(
         1000, ge=1, description="Objects read to infer field types when no schema"
+    )
+    parse_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Blocks parsed at once, each on its own thread; unset: one "
+        "per CPU core that the process may run on",
     )
 
 
@@ -549,6 +683,8 @@ class _Cursor:
     offset: int = 0
     lines: int = 0
     inode: int | None = None
+    unterminated: int = 0
+    """Bytes after the last newline, left unread (follow mode)."""
 
 
 class JsonLinesSource(Source[JsonLinesSourceConfig]):
@@ -569,11 +705,32 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
         self._cursors: dict[str, _Cursor] = {}
         self._done: set[str] = set()
         self._resume: dict[str, _Cursor] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def open(self) -> None:
         self._schema = self.schema()
         self._files = resolve_paths(self.config.path, _EXTENSIONS)
         self._progress = ByteProgress(self._files)
+        self._threads = self.config.parse_threads or _usable_cores()
+        if self._threads > 1:
+            self._pool = ThreadPoolExecutor(
+                self._threads, thread_name_prefix=f"{self.context.step}-parse"
+            )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        for cursor in self._cursors.values():
+            if cursor.unterminated:
+                self.context.logger.warning(
+                    "%s: the last line has no newline, so its %d bytes from byte "
+                    "offset %d were not read; a run that resumes from a checkpoint "
+                    "reads them once the line ends with a newline",
+                    cursor.path,
+                    cursor.unterminated,
+                    cursor.offset,
+                )
 
     @property
     def bounded(self) -> bool:
@@ -678,7 +835,11 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
     def _read_new(
         self, cursor: _Cursor, parser: JsonLinesParser, *, final: bool
     ) -> Iterator[SourceBatch]:
-        """Parse the complete lines after `cursor`, and at `final` the rest too."""
+        """Parse the complete lines after `cursor`, and at `final` the rest too.
+
+        Without `final`, the bytes after the last newline stay unread, and
+        `cursor.unterminated` counts them.
+        """
         try:
             file = cursor.path.open("rb")
         except FileNotFoundError:
@@ -687,15 +848,56 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
             )
             return
         with file:
+            cursor.unterminated = 0  # known again once the end is reached
             self._check_replaced(cursor, file)
             file.seek(cursor.offset)
-            for block in _blocks(file, self.config.block_size, final=final):
-                if cursor.offset == 0 and block.startswith(BOM):
-                    block = block[len(BOM) :]
-                    self._advance(cursor, len(BOM), 0)
-                yield from self._parse(parser, block, cursor)
+            if cursor.offset == 0 and file.read(len(BOM)) == BOM:
+                self._advance(cursor, len(BOM), 0)
+            file.seek(cursor.offset)
+            reader = _BlockReader(file, self.config.block_size)
+            for size, result in self._parse_in_order(parser, reader.blocks(final)):
+                parsed = result.at(parser.name, cursor.lines + 1)
+                self._advance(cursor, size, result.lines)
+                if parsed.rejects.records:
+                    rejects = parsed.rejects
+                    self.context.reject(
+                        rejects.records, rejects.reasons, rejects.positions
+                    )
+                if parsed.batch.num_rows:
+                    yield SourceBatch(parsed.batch, parsed.origin)
                 if self.context.stopping:
                     return
+            cursor.unterminated = len(reader.tail)
+
+    def _parse_in_order(
+        self, parser: JsonLinesParser, blocks: Iterator[bytearray]
+    ) -> Iterator[tuple[int, BlockResult]]:
+        """Parse `blocks` on the thread pool; yield sizes and results in order.
+
+        Up to two blocks per thread are read ahead, so the threads stay busy
+        while the source thread hands on a result. Only blocks whose result
+        was yielded count in the cursor, so checkpoints never skip lines.
+        """
+        pool = self._pool
+        if pool is None:
+            for block in blocks:
+                yield len(block), parser.parse_block(block)
+            return
+        pending: collections.deque[tuple[int, Future[BlockResult]]] = (
+            collections.deque()
+        )
+        try:
+            for block in blocks:
+                pending.append((len(block), pool.submit(parser.parse_block, block)))
+                if len(pending) >= 2 * self._threads:
+                    size, future = pending.popleft()
+                    yield size, future.result()
+            while pending:
+                size, future = pending.popleft()
+                yield size, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
 
     def _check_replaced(self, cursor: _Cursor, file: IO[bytes]) -> None:
         """Start over if the file shrank or another file took its name."""
@@ -714,25 +916,18 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
             cursor.offset = 0
             cursor.lines = 0
 
-    def _parse(
-        self, parser: JsonLinesParser, block: bytes, cursor: _Cursor
-    ) -> Iterator[SourceBatch]:
-        if not block:
-            return
-        parsed = parser.parse(block, cursor.lines + 1)
-        lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-        self._advance(cursor, len(block), lines)
-        if parsed.rejects.records:
-            rejects = parsed.rejects
-            self.context.reject(rejects.records, rejects.reasons, rejects.positions)
-        if parsed.batch.num_rows:
-            yield SourceBatch(parsed.batch, parsed.origin)
-
     def _advance(self, cursor: _Cursor, size: int, lines: int) -> None:
         cursor.offset += size
         cursor.lines += lines
         self._progress.done += size
         self._progress.total = max(self._progress.total, self._progress.done)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _file_size(path: Path) -> int:
@@ -742,57 +937,86 @@ def _file_size(path: Path) -> int:
         return 0
 
 
-def _blocks(file: IO[bytes], size: int, *, final: bool) -> Iterator[bytes]:
-    """Yield blocks of complete lines from `file`'s position on.
+class _BlockReader:
+    """Read blocks of complete lines from a file's position on.
 
-    A block may be longer than `size` when one line is. With `final`, the
-    text after the last newline is yielded too; otherwise it is left unread.
+    Each block is a new buffer: the unfinished last line of the previous
+    block, then bytes read straight into it. Only that line is copied.
     """
-    pending = b""
-    while True:
-        chunk = file.read(size)
-        if not chunk:
-            break
-        data = pending + chunk
-        end = data.rfind(b"\n")
-        if end < 0:
-            pending = data
-            continue
-        pending = data[end + 1 :]
-        yield data[: end + 1]
-    if final and pending:
-        yield pending
+
+    def __init__(self, file: io.BufferedIOBase, size: int) -> None:
+        self._file = file
+        self._size = size
+        self.tail = b""
+        """Bytes after the last newline read so far."""
+
+    def blocks(self, final: bool) -> Iterator[bytearray]:
+        """Yield blocks that end with a newline, until the end of the file.
+
+        A block may be longer than `size` when one line is. With `final`,
+        the text after the last newline is yielded too; otherwise it stays
+        in `tail`.
+        """
+        while True:
+            kept = len(self.tail)
+            block = bytearray(kept + self._size)
+            block[:kept] = self.tail
+            with memoryview(block) as whole, whole[kept:] as free:
+                count = self._file.readinto(free)
+            if not count:
+                break
+            del block[kept + count :]
+            end = block.rfind(b"\n")
+            if end < 0:
+                self.tail = bytes(block)  # one line longer than the block size
+                continue
+            self.tail = bytes(block[end + 1 :])
+            del block[end + 1 :]
+            yield block
+        if final and self.tail:
+            block = bytearray(self.tail)
+            self.tail = b""
+            yield block
 
 
 def _head_lines(path: Path, size: int = 1 << 20) -> Generator[bytes, None, None]:
     """Yield the lines of `path`, read a block at a time, without a BOM."""
     with path.open("rb") as file:
         first = True
-        for block in _blocks(file, size, final=True):
+        for block in _BlockReader(file, size).blocks(final=True):
             if first and block.startswith(BOM):
-                block = block[len(BOM) :]
+                del block[: len(BOM)]
             first = False
-            yield from block.splitlines()
+            yield from (bytes(line) for line in block.splitlines())
 
 
 # --- the sink ----------------------------------------------------------------
 
 _JSON_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+_POLARS_MIN_ROWS = 64
+"""Batches with fewer rows are encoded by orjson, whose fixed cost is lower."""
 
 
 def encode_json_lines(batch: pa.RecordBatch) -> bytes:
     """Encode `batch` as JSON lines, one object per record.
 
-    Timestamps become ISO 8601 text (time-zone-aware ones in UTC, ending in
-    `Z`), dates `YYYY-MM-DD`, binary values base64 text, decimals text,
-    durations seconds, and NaN and infinite floats null.
+    Timestamps become ISO 8601 text with the digits of their unit
+    (time-zone-aware ones in UTC, ending in `Z`), dates `YYYY-MM-DD`, binary
+    values base64 text, decimals text, durations seconds, and NaN and
+    infinite floats null.
     """
-    batch = _with_timestamps_as_text(batch)
     names = batch.schema.names
-    if len(set(names)) == len(names) and all(_is_plain(f.type) for f in batch.schema):
-        # Polars encodes these types far faster than orjson on Python objects:
-        # 0.03 s against 0.6 s for 65,536 rows of 5 fields (pyarrow 26,
-        # polars 2.1, one run on a 2-core machine).
+    unique = len(set(names)) == len(names)
+    small = unique and batch.num_rows < _POLARS_MIN_ROWS
+    if small and all(
+        _is_flat(t) or pa.types.is_timestamp(t) for t in batch.schema.types
+    ):
+        return _encode_small(batch)
+    batch = _with_timestamps_as_text(batch)
+    if unique and all(_is_plain(t) for t in batch.schema.types):
+        # Polars encodes these types far faster than orjson on Python objects
+        # (about 10 times for 10,000 rows), but costs more per call, so
+        # `_encode_small` takes small batches.
         buffer = io.BytesIO()
         frame = pl.from_arrow(batch)
         assert isinstance(frame, pl.DataFrame)
@@ -804,15 +1028,53 @@ def encode_json_lines(batch: pa.RecordBatch) -> bytes:
     )
 
 
+def _encode_small(batch: pa.RecordBatch) -> bytes:
+    """Encode a batch of `_is_flat` and timestamp columns with orjson.
+
+    The output equals Polars' for the same batch. Timestamps are formatted
+    in Python, which costs less than three Arrow kernels for a few rows.
+    """
+    columns = []
+    for column in batch.columns:
+        if pa.types.is_timestamp(column.type):
+            columns.append(_timestamps_as_strings(column))
+        else:
+            columns.append(column.to_pylist())
+    names = batch.schema.names
+    return b"".join(
+        orjson.dumps(dict(zip(names, row, strict=True)), option=_JSON_OPTIONS)
+        for row in zip(*columns, strict=True)
+    )
+
+
+def _timestamps_as_strings(values: pa.Array) -> list[str | None]:
+    """Format timestamps as `timestamps_as_text` does, as Python strings."""
+    suffix = "" if values.type.tz is None else "Z"
+    text = values.view(pa.timestamp(values.type.unit)).cast(pa.string())
+    return [
+        None if value is None else f"{value[:10]}T{value[11:]}{suffix}"
+        for value in text.to_pylist()
+    ]
+
+
 def _is_plain(dtype: pa.DataType) -> bool:
     """Return True for types that Polars writes as JSON as orjson would."""
     if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
         return _is_plain(dtype.value_type)
     if pa.types.is_struct(dtype):
         return all(_is_plain(dtype.field(i).type) for i in range(dtype.num_fields))
+    return bool(_is_flat(dtype) or pa.types.is_float32(dtype))
+
+
+def _is_flat(dtype: pa.DataType) -> bool:
+    """Return True for types that orjson and Polars write byte for byte alike.
+
+    Checked for float64 on 250,000 values from 5e-324 to 1.8e308 (orjson
+    3.13, polars 2.1). float32 is left out, because orjson writes it as the
+    nearest float64 (`0.10000000149011612`) where Polars writes `0.1`.
+    """
     return bool(
         pa.types.is_integer(dtype)
-        or pa.types.is_float32(dtype)
         or pa.types.is_float64(dtype)
         or pa.types.is_boolean(dtype)
         or pa.types.is_string(dtype)
@@ -823,17 +1085,30 @@ def _is_plain(dtype: pa.DataType) -> bool:
 
 
 def _with_timestamps_as_text(batch: pa.RecordBatch) -> pa.RecordBatch:
-    columns = []
-    for column in batch.columns:
-        dtype = column.type
-        if pa.types.is_timestamp(dtype):
-            if dtype.tz is not None:
-                column = column.cast(pa.timestamp(dtype.unit, tz="UTC"))
-                column = pc.strftime(column, format="%Y-%m-%dT%H:%M:%SZ")
-            else:
-                column = pc.strftime(column, format="%Y-%m-%dT%H:%M:%S")
-        columns.append(column)
+    if not any(pa.types.is_timestamp(t) for t in batch.schema.types):
+        return batch
+    columns = [
+        timestamps_as_text(column) if pa.types.is_timestamp(column.type) else column
+        for column in batch.columns
+    ]
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+
+def timestamps_as_text(values: pa.Array) -> pa.Array:
+    """Format timestamps as ISO 8601 text with the digits of their unit.
+
+    `2024-05-01T10:00:00.250000` for microseconds. Time-zone-aware values
+    are written in UTC with a final `Z`. The text equals Arrow's
+    `strftime("%Y-%m-%dT%H:%M:%S")` (pyarrow 26), about 15 times faster.
+    """
+    unit = values.type.unit
+    # A time-zone-aware timestamp stores UTC, so its values read as a naive
+    # timestamp are the UTC wall time.
+    text = values.view(pa.timestamp(unit)).cast(pa.string())  # "2024-05-01 10:00:00"
+    text = pc.utf8_replace_slice(text, start=10, stop=11, replacement="T")
+    if values.type.tz is None:
+        return text
+    return pc.binary_join_element_wise(text, "Z", "")
 
 
 def _encode_other(value: Any) -> Any:

@@ -3,8 +3,10 @@
 Without rolling, `path` is the output file. With `roll_bytes` or
 `roll_interval`, `path` is a directory and the sink writes `part-00000.ext`,
 `part-00001.ext`, ... starting a new file when the current one reaches the
-size or the age. A file is written under a `.inprogress` name, synced to
-disk and renamed when complete, so readers never see a half-written file.
+size or the age. The age is also checked by a timer thread, so a file is
+closed on time while no records arrive. A file is written under a
+`.inprogress` name, synced to disk and renamed when complete, so readers
+never see a half-written file.
 
 When no record arrives, the sink still writes one valid, empty file (a
 header only, for CSV) with the schema of the records it would have
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from abc import abstractmethod
 from pathlib import Path
@@ -42,6 +45,10 @@ logger = logging.getLogger(__name__)
 IN_PROGRESS = ".inprogress"
 PENDING = ".pending"
 PART_PREFIX = "part-"
+AGE_CHECK_MAX_SECONDS = 1.0
+"""Maximum wait between two age checks of an idle part file (`roll_interval`)."""
+AGE_CHECK_MIN_SECONDS = 0.01
+"""Minimum wait between two age checks, so that a tiny interval does not spin."""
 
 
 class FileSinkConfig(SinkConfig):
@@ -104,6 +111,11 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
         self._part = 0
         self._written: list[str] = []
         self._schema: pa.Schema | None = self.input_schema
+        # The age timer closes files from its own thread: it and the sink's
+        # thread change the open file only while holding this lock.
+        self._lock = threading.Lock()
+        self._age_timer: _AgeTimer | None = None
+        self._timer_error: BaseException | None = None
         if self._schema is not None:
             self.check_schema(self._schema)
         target = Path(self.config.path)
@@ -114,6 +126,10 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
             self._prepare_directory(target)
         else:
             self._prepare_file(target)
+        interval = self.config.roll_interval
+        if interval is not None:
+            self._age_timer = _AgeTimer(self, interval.total_seconds())
+            self._age_timer.start()
 
     def _prepare_file(self, target: Path) -> None:
         if target.is_dir():
@@ -150,6 +166,11 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
             old.unlink()
 
     def write(self, batch: pa.RecordBatch) -> None:
+        with self._lock:
+            self._raise_timer_error()
+            self._write(batch)
+
+    def _write(self, batch: pa.RecordBatch) -> None:
         self._start()
         if self._schema is None:
             self.check_schema(batch.schema)
@@ -188,6 +209,11 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
     def flush(self) -> None:
         if self.transactional:
             return  # output becomes visible through prepare_commit and commit
+        with self._lock:
+            self._raise_timer_error()
+            self._flush()
+
+    def _flush(self) -> None:
         if self._writer is None and not self._written:
             # No records arrived: still leave a valid, empty output file.
             if self._schema is not None:
@@ -199,6 +225,9 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
         self._finish_file()
 
     def close(self) -> None:
+        if self._age_timer is not None:
+            self._age_timer.stop()
+            self._age_timer = None
         if self._writer is not None and self._current is not None:
             # Closed without flush: the run failed, so leave no partial file.
             self._writer.close()
@@ -293,12 +322,36 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
         self._opened_at = time.monotonic()
 
     def _too_old(self) -> bool:
-        # NOTE: checked only when a batch arrives, because sinks get no timer
-        # call: an idle stream keeps its file open past `roll_interval`.
         interval = self.config.roll_interval
         return interval is not None and (
             time.monotonic() - self._opened_at >= interval.total_seconds()
         )
+
+    def finish_old_file(self) -> None:
+        """Close and publish the open part file if it is `roll_interval` old.
+
+        Called by the age timer. An error is raised again by the next
+        `write` or `flush`, on the sink's thread, so that it fails the run.
+        """
+        with self._lock:
+            if self._writer is None or self._timer_error is not None:
+                return
+            if not self._too_old():
+                return
+            try:
+                self._finish_file()
+            except Exception as exc:
+                logger.error(
+                    "closing the part file of %s at roll_interval failed: %s; "
+                    "the next write raises the error",
+                    self.config.path,
+                    exc,
+                )
+                self._timer_error = exc
+
+    def _raise_timer_error(self) -> None:
+        if self._timer_error is not None:
+            raise self._timer_error
 
     def _should_roll(self) -> bool:
         if self.transactional:
@@ -327,6 +380,30 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
         self._written.append(str(self._current))
         self._writer = None
         self._current = None
+
+
+class _AgeTimer(threading.Thread):
+    """Thread that closes a sink's part file at `roll_interval` while input is idle.
+
+    Sinks get no call from the engine while their input is idle, so the
+    timer checks the age on its own thread, every `interval` but at least
+    every `AGE_CHECK_MAX_SECONDS`.
+    """
+
+    def __init__(self, sink: FileSink[Any], interval: float) -> None:
+        super().__init__(name=f"{sink.context.step}-roll-timer", daemon=True)
+        self._sink = sink
+        self._period = min(max(interval, AGE_CHECK_MIN_SECONDS), AGE_CHECK_MAX_SECONDS)
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self._period):
+            self._sink.finish_old_file()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self is not threading.current_thread():
+            self.join()
 
 
 def _publish_new(temporary: Path, final: Path) -> None:
