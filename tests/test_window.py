@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ def window_pipeline(
 
 
 def rows(table: pa.Table) -> list[dict[str, Any]]:
-    return table.to_pylist()
+    records: list[dict[str, Any]] = table.to_pylist()
+    return records
 
 
 def test_record_on_window_end_goes_to_next(tmp_path: Path) -> None:
@@ -117,7 +119,7 @@ def test_allowed_lateness_keeps_record(tmp_path: Path) -> None:
 def test_empty_input_gives_empty_output(tmp_path: Path) -> None:
     empty = pa.table({"t": pa.array([], pa.string())})
 
-    summary = window_pipeline(empty, tmp_path).run()  # type: ignore[arg-type]
+    summary = window_pipeline(empty, tmp_path).run()
 
     out = summary.output("out")
     assert out.num_rows == 0
@@ -272,3 +274,96 @@ def test_idle_source_releases_watermark(tmp_path: Path) -> None:
 
     assert written_while_running == 1  # the first hour closed while running
     assert [r["n"] for r in result["summary"].output("out").to_pylist()] == [2, 1]
+
+
+def sessions_of(table: pa.Table) -> list[tuple[Any, ...]]:
+    return sorted(
+        (r.get("k"), r["window_start"], r["window_end"], r["n"]) for r in rows(table)
+    )
+
+
+def session_pipeline(
+    minutes: Sequence[tuple[str, float]], tmp_path: Path, **window: Any
+) -> Pipeline:
+    """Sessions with a 30-minute gap over records `(key, minute)`, in this order."""
+    records = [{"t": at(m), "k": k, "id": i} for i, (k, m) in enumerate(minutes)]
+    config = {"kind": "session", "gap": "30m", "size": None, "key_by": ["k"]}
+    return window_pipeline(records, tmp_path, late_reader=True, **(config | window))
+
+
+def test_record_joining_emitted_session_is_late(tmp_path: Path) -> None:
+    # At 00:45 the watermark passes 00:40, the end of the session 00:00-00:10,
+    # which is emitted. 00:20 and 00:39 would extend it, so they are late.
+    minutes = [("a", 0), ("a", 10), ("a", 45), ("a", 20), ("a", 39)]
+
+    summary = session_pipeline(minutes, tmp_path).run()
+
+    gap = timedelta(minutes=30)
+    assert sessions_of(summary.output("out")) == [
+        ("a", T0, T0 + timedelta(minutes=10) + gap, 2),
+        ("a", T0 + timedelta(minutes=45), T0 + timedelta(minutes=45) + gap, 1),
+    ]
+    assert [r["id"] for r in rows(summary.output("late"))] == [3, 4]
+    assert summary.late == 2
+
+
+def test_record_one_gap_after_emitted_session_counts(tmp_path: Path) -> None:
+    # 00:40 is exactly one gap after 00:10, so it starts a session of its
+    # own, which 00:45 then joins.
+    minutes = [("a", 0), ("a", 10), ("a", 45), ("a", 40)]
+
+    summary = session_pipeline(minutes, tmp_path).run()
+
+    gap = timedelta(minutes=30)
+    assert sessions_of(summary.output("out")) == [
+        ("a", T0, T0 + timedelta(minutes=10) + gap, 2),
+        ("a", T0 + timedelta(minutes=40), T0 + timedelta(minutes=45) + gap, 2),
+    ]
+    assert summary.late == 0
+
+
+def test_emitted_session_makes_only_its_key_late(tmp_path: Path) -> None:
+    minutes = [("a", 0), ("a", 10), ("a", 45), ("b", 20)]
+
+    summary = session_pipeline(minutes, tmp_path).run()
+
+    gap = timedelta(minutes=30)
+    assert ("b", T0 + timedelta(minutes=20), T0 + timedelta(minutes=20) + gap, 1) in (
+        sessions_of(summary.output("out"))
+    )
+    assert summary.late == 0
+
+
+def test_session_allowed_lateness_keeps_record(tmp_path: Path) -> None:
+    # With 10 minutes of allowed lateness, the session of a from 00:00 is
+    # emitted once the watermark reaches its end plus 10 minutes. At 00:45
+    # it is still open, so a at 00:20 joins it and moves its end to 00:50. At
+    # 01:00 it is emitted, so a at 00:40, before 00:50, is late.
+    minutes = [("a", 0), ("a", 10), ("b", 45), ("a", 20), ("b", 60), ("a", 40)]
+
+    summary = session_pipeline(minutes, tmp_path, allowed_lateness="10m").run()
+
+    gap = timedelta(minutes=30)
+    assert sessions_of(summary.output("out")) == [
+        ("a", T0, T0 + timedelta(minutes=20) + gap, 3),
+        ("b", T0 + timedelta(minutes=45), T0 + timedelta(minutes=60) + gap, 2),
+    ]
+    assert [r["id"] for r in rows(summary.output("late"))] == [5]
+
+
+def test_global_session_late_after_emission(tmp_path: Path) -> None:
+    records = [{"t": at(m), "id": i} for i, m in enumerate([0, 10, 45, 20])]
+
+    summary = window_pipeline(
+        records, tmp_path, late_reader=True, kind="session", gap="30m", size=None
+    ).run()
+
+    gap = timedelta(minutes=30)
+    assert sorted(
+        (r["window_start"], r["window_end"], r["n"])
+        for r in rows(summary.output("out"))
+    ) == [
+        (T0, T0 + timedelta(minutes=10) + gap, 2),
+        (T0 + timedelta(minutes=45), T0 + timedelta(minutes=45) + gap, 1),
+    ]
+    assert [r["id"] for r in rows(summary.output("late"))] == [3]

@@ -28,33 +28,37 @@ Semantics:
   retracted. Until then, records for the window are still counted.
 - A record whose window already emitted is late: it goes to the side output
   `late` (read it with `inputs: [hourly.late]`) or, if no step reads that
-  port, to the dead-letter output. Late records are counted as `late`.
+  port, to the dead-letter output. Late records are counted as `late`. A
+  session record is late when it would join a session that was emitted,
+  that is when its event time is before that session's end.
 - Output records have the key fields, `window_start`, `window_end` and one
   field per aggregation. Their event time is `window_end` minus 1 µs.
-- The window keeps the records of open windows (only the fields it
-  aggregates) and aggregates them when the window closes, so every
-  aggregation, percentiles and distinct counts included, is exact.
 
-State: the kept records are keyed state, so they are in the pipeline's
-state backend and saved in checkpoints through it. They are kept as
-column frames per window start (a session window keeps one set of
-pending frames). With `checkpointing.state_backend: disk`, each frame is
-written to the on-disk backend as Arrow IPC when it arrives and read back
-when its window fires, so open windows may hold more records than fit in
-memory. With the memory backend (the default), frames stay in memory as
-they are and are only encoded into the backend for a checkpoint, so
-buffering costs no encoding. Either backend restores a checkpoint of the
-other.
+State: the records of open windows wait in a pending buffer (the fields
+the window aggregates and their window start) until the watermark closes
+their windows, so a batch is only appended and each watermark step
+aggregates the closing windows in one query. Once the buffer contains
+`FLUSH_ROWS` records, the next batch first moves it into a `FrameStore`,
+one frame per window start. If every aggregation is decomposable (`count`,
+`sum`, `min`, `max`, `mean`, `first`, `last`), those frames hold partial
+results per key and window instead of records. With `count_distinct` or
+`percentile` they hold the records, so every aggregation is exact.
+Sessions keep their records in the frame store until they close. The frame
+store, the buffer and the ends of emitted sessions are keyed state, saved
+in checkpoints.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import base64
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from dataflare.plugin.interface import (
@@ -66,16 +70,26 @@ from dataflare.plugin.interface import (
     PluginMetadata,
     Transform,
 )
-from dataflare.state.keyed import BYTES, INT64, JSON, KeyedStateStore
+from dataflare.state.frames import FrameStore
+from dataflare.state.keyed import MAX_TIME, MIN_TIME, KeyedStateStore
 from dataflare.streaming.spec import Duration
 from dataflare.streaming.time import micros
 from dataflare.transforms.expressions import to_batch, to_polars
 
 WINDOW_START = "window_start"
 WINDOW_END = "window_end"
+FLUSH_ROWS = 1 << 16
+"""Pending records that make the next batch split the buffer per window."""
+
 _TS = "__ts"
 _WS = "__window"
-_SESSION = -(2**63)  # the window start under which session rows are kept
+_END = "__end"
+_LAYOUT = 2  # version of the snapshot layout
+# Frame store slots that are not window starts.
+_SESSION = MIN_TIME  # session records
+_PENDING = MAX_TIME  # the pending buffer, in snapshots only
+_CLOSED = MAX_TIME - 1  # ends of emitted sessions, in snapshots only
+_COMPACT_FRAMES = 8  # partial frames of a window that are merged into one
 
 AggregateFunction = Literal[
     "count",
@@ -88,6 +102,17 @@ AggregateFunction = Literal[
     "first",
     "last",
 ]
+FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
+RowsT = TypeVar("RowsT", pl.DataFrame, pa.RecordBatch)
+_EXACT_IN_INT64 = (
+    pl.Int8,
+    pl.Int16,
+    pl.Int32,
+    pl.Int64,
+    pl.UInt8,
+    pl.UInt16,
+    pl.UInt32,
+)
 
 
 class Aggregation(PluginConfig):
@@ -107,7 +132,13 @@ class Aggregation(PluginConfig):
             raise ValueError("percentile needs 'q', a quantile between 0 and 1")
         return self
 
+    @property
+    def decomposable(self) -> bool:
+        """True when results of parts of a window merge into the window's."""
+        return self.fn not in ("count_distinct", "percentile")
+
     def expr(self, name: str) -> pl.Expr:
+        """Return the expression that aggregates records into the result."""
         if self.field is None:
             return pl.len().cast(pl.Int64).alias(name)
         column = pl.col(self.field)
@@ -125,6 +156,70 @@ class Aggregation(PluginConfig):
         if self.fn == "percentile":
             return column.quantile(self.q or 0.0, interpolation="linear").alias(name)
         return exprs[self.fn].alias(name)
+
+    def partial_exprs(self, name: str, dtype: pl.DataType | None) -> list[pl.Expr]:
+        """Return the expressions that aggregate records into partial results.
+
+        `dtype` is the field's type. `mean` sums integers as `Int64`, so that
+        the sum is exact, and other numbers as `Float64`.
+        """
+        count, value = _partial_names(name)
+        if self.field is None:
+            return [pl.len().cast(pl.Int64).alias(count)]
+        column = pl.col(self.field)
+        counted = column.count().cast(pl.Int64).alias(count)
+        if self.fn == "count":
+            return [counted]
+        if self.fn == "mean":
+            exact = dtype is not None and (
+                dtype in _EXACT_IN_INT64 or dtype == pl.Boolean
+            )
+            column = column.cast(pl.Int64 if exact else pl.Float64)
+        if self.fn in ("sum", "mean"):
+            return [counted, column.sum().alias(value)]
+        reduced = {
+            "min": column.min(),
+            "max": column.max(),
+            "first": column.first(),
+            "last": column.last(),
+        }
+        return [reduced[self.fn].alias(value)]
+
+    def merge_exprs(self, name: str) -> list[pl.Expr]:
+        """Return the expressions that merge partial results, in arrival order."""
+        count, value = (pl.col(n) for n in _partial_names(name))
+        if self.fn == "count":
+            return [count.sum()]
+        if self.fn in ("sum", "mean"):
+            return [count.sum(), value.sum()]
+        merged = {
+            "min": value.min(),
+            "max": value.max(),
+            "first": value.first(),
+            "last": value.last(),
+        }
+        return [merged[self.fn]]
+
+    def final_expr(self, name: str) -> pl.Expr:
+        """Return the expression that turns merged partial results into the result."""
+        count, value = (pl.col(n) for n in _partial_names(name))
+        if self.fn == "count":
+            return count.alias(name)
+        if self.fn == "sum":
+            return pl.when(count > 0).then(value).alias(name)
+        if self.fn == "mean":
+            return pl.when(count > 0).then(value / count).alias(name)
+        return value.alias(name)
+
+
+def _frame(table: pa.Table) -> pl.DataFrame:
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def _partial_names(name: str) -> tuple[str, str]:
+    return f"__{name}:n", f"__{name}:v"
 
 
 class WindowConfig(PluginConfig):
@@ -170,6 +265,7 @@ class WindowTransform(Transform[WindowConfig]):
     Config = WindowConfig
     stateful = True
     input_count = None  # several inputs with one schema are merged
+    _input_schema: pa.Schema | None
 
     # --- schemas ---
 
@@ -200,9 +296,25 @@ class WindowTransform(Transform[WindowConfig]):
                     f"aggregation name {out!r} clashes with a key or window "
                     "field; rename it"
                 )
+        return self._set_input(schema)
+
+    def _set_input(self, schema: pa.Schema) -> pa.Schema:
+        """Derive the result types from the input schema, return the output schema."""
+        self._input_schema = schema
+        fields = [schema.field(name) for name in self._fields()]
+        self._pending_schema = pa.schema([*fields, pa.field(_WS, pa.int64())])
         empty = to_polars(pa.RecordBatch.from_pylist([], schema=schema))
-        buffered = self._project(empty).with_columns(pl.lit(0, pl.Int64).alias(_WS))
-        return to_batch(self._aggregate(buffered, [0])).schema
+        rows = empty.select(self._fields()).with_columns(pl.lit(0, pl.Int64).alias(_WS))
+        exprs = [agg.expr(name) for name, agg in self.config.aggregations.items()]
+        results = rows.group_by([*self.config.key_by, _WS]).agg(exprs)
+        self._types = {name: results.schema[name] for name in self.config.aggregations}
+        self._partials: list[pl.Expr] = []
+        if self._decomposable:
+            for name, agg in self.config.aggregations.items():
+                dtype = empty.schema[agg.field] if agg.field else None
+                self._partials += agg.partial_exprs(name, dtype)
+        bounds = self._with_bounds(results, pl.col(_WS), pl.col(_WS) + self._size)
+        return to_batch(bounds).schema
 
     def side_outputs(self, inputs: Sequence[pa.Schema]) -> dict[str, pa.Schema]:
         return {"late": inputs[0]}
@@ -220,19 +332,30 @@ class WindowTransform(Transform[WindowConfig]):
         )
         self._gap = micros(config.gap.total_seconds()) if config.gap else 0
         self._lateness = micros(config.allowed_lateness.total_seconds())
-        self._watermark = -(2**63)
-        # Open window starts (or _SESSION), each with its number of frames.
-        self._open: dict[int, int] = {}
-        # Earliest event time of the pending session rows, if known.
+        self._watermark = MIN_TIME
+        self._decomposable = all(
+            agg.decomposable for agg in config.aggregations.values()
+        )
+        self._input_schema = None
+        # Records not yet split per window, oldest first (tumbling, sliding):
+        # the fields the window aggregates and `_WS`, their window start.
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._pending_min: int | None = None  # earliest window start in them
+        # Earliest event time of the buffered session records, if known.
         self._session_min: int | None = None
+        # Per key, the end of its last emitted session (sessions only), and
+        # the watermark at which the earliest of them stops deciding lateness.
+        self._closed: pl.DataFrame | None = None
+        self._closed_expiry = MAX_TIME
 
     def open(self) -> None:
-        self._buffer_state = _FrameState(KeyedStateStore.for_operator(self.context))
+        self._frames = FrameStore(KeyedStateStore.for_operator(self.context))
 
     def close(self) -> None:
-        state = getattr(self, "_buffer_state", None)
-        if state is not None:
-            state.close()
+        frames = getattr(self, "_frames", None)
+        if frames is not None:
+            frames.close()
 
     def _fields(self) -> list[str]:
         fields = list(self.config.key_by)
@@ -241,110 +364,207 @@ class WindowTransform(Transform[WindowConfig]):
                 fields.append(agg.field)
         return fields
 
-    def _project(self, df: pl.DataFrame) -> pl.DataFrame:
-        return df.select(
-            [*self._fields(), pl.col(EVENT_TIME).dt.epoch("us").alias(_TS)]
-        )
-
     # --- processing ---
 
     def process(
         self, batch: pa.RecordBatch, input_index: int = 0
     ) -> list[pa.RecordBatch]:
-        df = to_polars(batch)
-        rows = self._project(df)
-        ts = rows[_TS]
+        if self._input_schema is None:
+            self._set_input(batch.schema)
         if self.config.kind == "session":
-            late = (ts + self._gap + self._lateness) <= self._watermark
-        else:
-            last_start = ts - ts % self._slide
-            late = (last_start + self._size + self._lateness) <= self._watermark
-        late = late.fill_null(False)
-        if late.any():
-            late_batch = batch.filter(late.to_arrow())
-            self.context.count("late", late_batch.num_rows)
-            self.context.emit_side("late", late_batch)
-            rows = rows.filter(~late)
-        if rows.height:
-            self._buffer(rows)
+            self._process_session(batch)
+            return []
+
+        # `starts` is the start of the last window of each record.
+        times = batch.column(EVENT_TIME).cast(pa.int64())
+        missing = times.is_null().to_numpy(zero_copy_only=False)
+        ts = times.fill_null(0).to_numpy() if times.null_count else times.to_numpy()
+        starts = ts - ts % self._slide
+        rows = batch.select(self._fields()).append_column(_WS, pa.array(starts))
+        closes = self._size + self._lateness
+        if len(starts) and (starts.min() + closes <= self._watermark or missing.any()):
+            # A record without event time belongs to no window, so it is late.
+            late = missing | (starts + closes <= self._watermark)
+            rows = self._drop_late(batch, rows, late)
+
+        if self._slide != self._size and rows.num_rows:
+            rows = self._explode(rows, closes)
+        if rows.num_rows:
+            self._add_pending(pa.Table.from_batches([rows]))
         return []
 
-    def _buffer(self, rows: pl.DataFrame) -> None:
-        if self.config.kind == "session":
-            low = rows.select(pl.col(_TS).min()).item()
-            if low is not None and (
-                self._session_min is None or low < self._session_min
-            ):
-                self._session_min = int(low)
-            self._buffer_state.add([(_SESSION, rows)])
-            self._open[_SESSION] = self._open.get(_SESSION, 0) + 1
+    def _explode(self, rows: pa.RecordBatch, closes: int) -> pa.RecordBatch:
+        """Repeat each record once per open sliding window that contains it."""
+        count = self._size // self._slide
+        index = np.repeat(np.arange(rows.num_rows), count)
+        offsets = np.tile(np.arange(count, dtype=np.int64) * self._slide, rows.num_rows)
+        starts = rows.column(_WS).to_numpy()[index] - offsets
+        # Windows that already fired keep their result, so skip them.
+        kept = starts + closes > self._watermark
+        exploded = rows.drop_columns([_WS]).take(pa.array(index[kept]))
+        return exploded.append_column(_WS, pa.array(starts[kept]))
+
+    def _drop_late(self, batch: pa.RecordBatch, rows: RowsT, late: Any) -> RowsT:
+        """Send the `late` records of `batch` to the side output, return the rest.
+
+        `late` is a boolean NumPy array or Polars series, one value per record.
+        """
+        if isinstance(late, pl.Series):
+            late = late.fill_null(False).to_numpy()
+        mask = pa.array(late)
+        if not pc.any(mask).as_py():
+            return rows
+        late_batch = batch.filter(mask)
+        self.context.count("late", late_batch.num_rows)
+        self.context.emit_side("late", late_batch)
+        kept = pc.invert(mask)
+        if isinstance(rows, pl.DataFrame):
+            return rows.filter(pl.Series(kept))
+        return rows.filter(kept)
+
+    def _add_pending(self, rows: pa.Table) -> None:
+        if self._pending_rows >= FLUSH_ROWS:
+            self._flush()
+        self._pending.append(rows)
+        self._pending_rows += rows.num_rows
+        earliest = pc.min(rows.column(_WS)).as_py()
+        if self._pending_min is None or earliest < self._pending_min:
+            self._pending_min = earliest
+
+    def _pending_table(self) -> pa.Table:
+        if len(self._pending) == 1:
+            return self._pending[0]
+        return pa.concat_tables(self._pending, promote_options="permissive")
+
+    def _flush(self) -> None:
+        """Move the pending records into the frame store, one frame per window."""
+        if not self._pending:
             return
-        starts = pl.col(_TS) - pl.col(_TS) % self._slide
-        if self._slide == self._size:
-            assigned = rows.with_columns(starts.alias(_WS))
-        else:
-            count = self._size // self._slide
-            offsets = pl.int_ranges(0, count, dtype=pl.Int64) * self._slide
-            assigned = rows.with_columns((starts - offsets).alias(_WS)).explode(_WS)
-            # Windows that already fired keep their result; skip them.
-            closed = pl.col(_WS) + self._size + self._lateness <= self._watermark
-            assigned = assigned.filter(~closed)
-        parts = [
-            (int(start), part)
-            for (start,), part in assigned.partition_by(_WS, as_dict=True).items()
+        rows = _frame(self._pending_table())
+        self._pending, self._pending_rows, self._pending_min = [], 0, None
+        keys = [*self.config.key_by, _WS]
+        if self._decomposable:
+            rows = rows.group_by(keys, maintain_order=True).agg(self._partials)
+        parts = rows.partition_by(_WS, maintain_order=True)
+        starts = [int(part[_WS][0]) for part in parts]
+        self._frames.add(zip(starts, parts, strict=True))
+        if not self._decomposable:
+            return
+        for start in starts:
+            if self._frames.slots.get(start, 0) >= _COMPACT_FRAMES:
+                merged = self._merge(self._frames.pop(start))
+                self._frames.add([(start, merged)])
+
+    def _merge(self, partials: Sequence[FrameT]) -> FrameT:
+        """Merge partial results per key and window, keeping arrival order."""
+        keys = [*self.config.key_by, _WS]
+        exprs = [
+            expr
+            for name, agg in self.config.aggregations.items()
+            for expr in agg.merge_exprs(name)
         ]
-        self._buffer_state.add(parts)
-        for start, _ in parts:
-            self._open[start] = self._open.get(start, 0) + 1
+        merged: FrameT = (
+            pl.concat(partials).group_by(keys, maintain_order=True).agg(exprs)
+        )
+        return merged
 
     def on_watermark(self, watermark: int) -> list[pa.RecordBatch]:
         self._watermark = watermark
-        self._buffer_state.store.advance_watermark(watermark)
+        self._frames.store.advance_watermark(watermark)
         if self.config.kind == "session":
             return self._fire_sessions(watermark)
-        ready = sorted(
-            s for s in self._open if s + self._size + self._lateness <= watermark
-        )
-        if not ready:
+
+        # Windows that start at or before `last` close now.
+        last = watermark - self._size - self._lateness
+        starts = sorted(s for s in self._frames.slots if s <= last)
+        take = self._pending_min is not None and self._pending_min <= last
+        if not starts and not take:
             return []
-        frames = []
-        for start in ready:
-            del self._open[start]
-            frames.extend(self._buffer_state.pop(start))
-        return [to_batch(self._aggregate(pl.concat(frames), ready))]
+        stored = [frame for start in starts for frame in self._frames.pop(start)]
+        if not take:
+            out = self._aggregate(stored, None).collect(engine="in-memory")
+            return [to_batch(out)]
+
+        table = self._pending_table()
+        closing = table.column(_WS).to_numpy() <= last
+        rest = table.filter(pa.array(~closing)).combine_chunks()
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+        self._pending_min = pc.min(rest.column(_WS)).as_py()
+        ready = _frame(table.filter(pa.array(closing))).lazy()
+        out = self._aggregate(stored, ready).collect(engine="in-memory")
+        return [to_batch(out)]
 
     def finish(self) -> list[pa.RecordBatch]:
-        return self.on_watermark(2**63 - 1)
+        return self.on_watermark(MAX_TIME)
 
     # --- checkpoints ---
 
     def snapshot_state(self) -> bytes | None:
-        meta = {
+        meta: dict[str, Any] = {
+            "layout": _LAYOUT,
             "watermark": self._watermark,
-            "open": sorted(self._open),
             "session_min": self._session_min,
+            "input_schema": None,
         }
-        return self._buffer_state.snapshot(meta)
+        if self._input_schema is not None:
+            data = self._input_schema.serialize().to_pybytes()
+            meta["input_schema"] = base64.b64encode(data).decode()
+        extra = {_PENDING: [_frame(table) for table in self._pending]}
+        if self._closed is not None:
+            extra[_CLOSED] = [self._closed]
+        return self._frames.snapshot(meta, extra)
 
     def restore_state(self, state: bytes) -> None:
-        meta = self._buffer_state.restore(state)
+        meta = self._frames.restore(state)
+        if meta.get("layout") != _LAYOUT:
+            raise ValueError(
+                f"window state has layout {meta.get('layout')!r}; this version "
+                f"reads {_LAYOUT}. Resume with the DataFlare version that wrote the "
+                "checkpoint, or run with --from-scratch"
+            )
         self._watermark = int(meta["watermark"])
         self._session_min = meta["session_min"]
-        self._open = self._buffer_state.counts(meta["open"])
+        if meta["input_schema"] is not None:
+            data = base64.b64decode(meta["input_schema"])
+            self._set_input(pa.ipc.read_schema(pa.py_buffer(data)))
+        self._pending, self._pending_rows, self._pending_min = [], 0, None
+        for frame in self._frames.pop(_PENDING):
+            self._add_pending(frame.to_arrow().cast(self._pending_schema))
+        closed = self._frames.pop(_CLOSED)
+        self._closed = closed[0] if closed else None
+        self._closed_expiry = MIN_TIME  # recompute it at the next watermark
 
     # --- aggregation ---
 
-    def _aggregate(self, rows: pl.DataFrame, starts: list[int]) -> pl.DataFrame:
-        keys = [*self.config.key_by, _WS]
-        aggs = [agg.expr(name) for name, agg in self.config.aggregations.items()]
-        out = rows.group_by(keys, maintain_order=True).agg(aggs)
-        return self._with_bounds(
-            out.sort([_WS, *self.config.key_by]), pl.col(_WS), pl.col(_WS) + self._size
-        )
+    def _aggregate(
+        self, stored: list[pl.DataFrame], ready: pl.LazyFrame | None
+    ) -> pl.LazyFrame:
+        """Return the query that aggregates the closing windows.
 
-    def _with_bounds(
-        self, df: pl.DataFrame, start: pl.Expr, end: pl.Expr
-    ) -> pl.DataFrame:
+        `stored` are their frames from the frame store, which hold partial
+        results if every aggregation is decomposable, else records. `ready`
+        are their pending records.
+        """
+        keys = [*self.config.key_by, _WS]
+        aggregations = self.config.aggregations.items()
+        parts = [frame.lazy() for frame in stored]
+        if not self._decomposable:
+            rows = pl.concat([*parts, *([ready] if ready is not None else [])])
+            out = rows.group_by(keys).agg([agg.expr(n) for n, agg in aggregations])
+        else:
+            if ready is not None:
+                partial = ready.group_by(keys, maintain_order=True).agg(self._partials)
+                parts.append(partial)
+            merged = self._merge(parts) if len(parts) > 1 else parts[0]
+            out = merged.select(
+                [*keys, *(agg.final_expr(name) for name, agg in aggregations)]
+            )
+            out = out.cast(self._types)  # type: ignore[arg-type]
+        out = out.sort([_WS, *self.config.key_by])
+        return self._with_bounds(out, pl.col(_WS), pl.col(_WS) + self._size)
+
+    def _with_bounds(self, df: FrameT, start: pl.Expr, end: pl.Expr) -> FrameT:
         utc = pl.Datetime("us", "UTC")
         names = [
             *self.config.key_by,
@@ -359,20 +579,56 @@ class WindowTransform(Transform[WindowConfig]):
             (end - 1).cast(utc).alias(EVENT_TIME),
         ).select(names)
 
+    # --- sessions ---
+
+    def _process_session(self, batch: pa.RecordBatch) -> None:
+        df = to_polars(batch.select([*self._fields(), EVENT_TIME]))
+        ts = pl.col(EVENT_TIME).dt.epoch("us")
+        rows = df.select([*self._fields(), ts.alias(_TS)])
+        rows = self._drop_late(batch, rows, self._session_late(rows))
+        if rows.height:
+            self._buffer_session(rows)
+
+    def _session_late(self, rows: pl.DataFrame) -> pl.Series:
+        """Return which records are late: their session closed or was emitted."""
+        late = rows[_TS] + (self._gap + self._lateness) <= self._watermark
+        closed = self._closed
+        if closed is None or not closed.height:
+            return late
+        # A record before the end of its key's emitted session would join it.
+        keys = self.config.key_by
+        if keys:
+            ends = rows.select(keys).join(
+                closed, on=keys, how="left", nulls_equal=True, maintain_order="left"
+            )[_END]
+            joins: pl.Series = (rows[_TS] < ends).fill_null(False)
+        else:
+            joins = rows[_TS] < closed[_END][0]
+        return late | joins
+
+    def _buffer_session(self, rows: pl.DataFrame) -> None:
+        low = rows[_TS].min()
+        if isinstance(low, int) and (
+            self._session_min is None or low < self._session_min
+        ):
+            self._session_min = low
+        self._frames.add([(_SESSION, rows)])
+
     def _fire_sessions(self, watermark: int) -> list[pa.RecordBatch]:
-        if not self._open:
+        self._forget_closed(watermark)
+        if _SESSION not in self._frames.slots:
             return []
         earliest = self._session_min
         if earliest is not None and earliest + self._gap + self._lateness > watermark:
             # No session can close yet, because each ends at least `gap` after
-            # the earliest pending record.
+            # the earliest buffered record.
             return []
 
-        # NOTE: with the disk backend, each firing reads all pending session
-        # rows and writes the still open ones back as one frame.
-        self._open.clear()
+        # NOTE: each firing reads all buffered session records and buffers the
+        # still open ones again as one frame, so a key with a long session is
+        # read again at every firing until its session closes.
         self._session_min = None
-        rows = pl.concat(self._buffer_state.pop(_SESSION))
+        rows = pl.concat(self._frames.pop(_SESSION))
         rows = rows.sort([*self.config.key_by, _TS])
         keys = self.config.key_by
         previous = pl.col(_TS).shift(1)
@@ -380,130 +636,47 @@ class WindowTransform(Transform[WindowConfig]):
         for key in keys:
             new_session = new_session | (pl.col(key).ne_missing(pl.col(key).shift(1)))
         rows = rows.with_columns(new_session.cum_sum().alias(_WS))
-        ends = rows.group_by(_WS).agg((pl.col(_TS).max() + self._gap).alias("__end"))
+        ends = rows.group_by(_WS).agg((pl.col(_TS).max() + self._gap).alias(_END))
         rows = rows.join(ends, on=_WS)
-        closed = pl.col("__end") + self._lateness <= watermark
+        closed = pl.col(_END) + self._lateness <= watermark
         done, pending = rows.filter(closed), rows.filter(~closed)
         if pending.height:
-            pending = pending.drop(_WS, "__end")
-            self._buffer(pending)
+            self._buffer_session(pending.drop(_WS, _END))
         if not done.height:
             return []
+
         aggs = [agg.expr(name) for name, agg in self.config.aggregations.items()]
         out = done.group_by([*keys, _WS]).agg(
-            [*aggs, pl.col(_TS).min().alias("__start"), pl.col("__end").first()]
+            [*aggs, pl.col(_TS).min().alias("__start"), pl.col(_END).first()]
         )
+        self._remember_closed(out.select([*keys, _END]), watermark)
         out = out.sort(["__start", *keys])
-        return [to_batch(self._with_bounds(out, pl.col("__start"), pl.col("__end")))]
+        return [to_batch(self._with_bounds(out, pl.col("__start"), pl.col(_END)))]
 
+    def _remember_closed(self, ends: pl.DataFrame, watermark: int) -> None:
+        """Keep the end of each key's last emitted session, for `_session_late`."""
+        if self._closed is not None:
+            ends = pl.concat([self._closed, ends])
+        keys = self.config.key_by
+        latest = pl.col(_END).max()
+        self._closed = ends.group_by(keys).agg(latest) if keys else ends.select(latest)
+        self._closed_expiry = MIN_TIME  # recompute it
+        self._forget_closed(watermark)
 
-class _FrameState:
-    """Buffered frames of a window in keyed state: a map per window start.
+    def _forget_closed(self, watermark: int) -> None:
+        """Drop session ends that no longer decide lateness.
 
-    The map state `frames` maps each window start (the key) to its frames:
-    a sequence number (the map key, so frames stay in arrival order) and
-    the frame as an Arrow IPC stream. With an on-disk backend every frame is
-    written there when added. With the memory backend the frames stay in
-    `_frames` as they are, and `snapshot` writes them into the backend only
-    for the checkpoint, then removes them again.
-    """
-
-    def __init__(self, store: KeyedStateStore) -> None:
-        self.store = store
-        self._spill = store.backend.kind != "memory"
-        self._map = store.map_state("frames", INT64, BYTES)
-        self._meta = store.value_state("meta", JSON)
-        self._frames: dict[int, list[pl.DataFrame]] = {}
-        self._next = 0  # sequence number of the next frame
-
-    def add(self, parts: Sequence[tuple[int, pl.DataFrame]]) -> None:
-        if not self._spill:
-            for start, frame in parts:
-                self._frames.setdefault(start, []).append(frame)
+        A record before such an end has `event time + gap + allowed_lateness`
+        at or before the watermark, so it is late anyway.
+        """
+        if self._closed is None or watermark < self._closed_expiry:
             return
-        self._map.put_many(
-            (INT64.encode(start), seq, _encode(frame))
-            for seq, (start, frame) in enumerate(parts, self._next)
-        )
-        self._next += len(parts)
-
-    def pop(self, start: int) -> list[pl.DataFrame]:
-        """Remove and return the frames of `start`, in arrival order."""
-        if not self._spill:
-            return self._frames.pop(start, [])
-        key = INT64.encode(start)
-        frames = [_decode(data) for data in self._stored(key)]
-        self._map.clear(key)
-        return frames
-
-    def _stored(self, key: bytes) -> Iterator[bytes]:
-        entries = sorted(self._map.items(key))
-        return (data for _, data in entries)
-
-    def counts(self, starts: Sequence[int]) -> dict[int, int]:
-        """Return the number of frames of each of `starts` that has any."""
-        found: dict[int, int] = {}
-        for start in starts:
-            if self._spill:
-                count = self._map.size(INT64.encode(start))
-            else:
-                count = len(self._frames.get(start, []))
-            if count:
-                found[start] = count
-        return found
-
-    def snapshot(self, meta: dict[str, Any]) -> bytes:
-        if self._spill:
-            self._meta.put(b"", {**meta, "next": self._next})
-            return self.store.snapshot()
-        entries: list[tuple[bytes, int, bytes]] = []
-        for start, frames in self._frames.items():
-            for frame in frames:
-                entries.append((INT64.encode(start), len(entries), _encode(frame)))
-        # A disk backend that restores this snapshot numbers new frames after these.
-        self._meta.put(b"", {**meta, "next": len(entries)})
-        self._map.put_many(entries)
-        try:
-            return self.store.snapshot()
-        finally:
-            for start in self._frames:
-                self._map.clear(INT64.encode(start))
-
-    def restore(self, state: bytes) -> dict[str, Any]:
-        """Load a `snapshot` and return the metadata that was given to it."""
-        self.store.restore(state)
-        meta = self._meta.get(b"")
-        if not isinstance(meta, dict):
-            raise ValueError(
-                "window state snapshot is missing its metadata, so the checkpoint "
-                "is corrupt; resume from an earlier checkpoint or run with "
-                "--from-scratch"
-            )
-        self._next = int(meta["next"])
-        self._frames = {}
-        if not self._spill:
-            for start in meta["open"]:
-                key = INT64.encode(start)
-                frames = [_decode(data) for data in self._stored(key)]
-                self._map.clear(key)
-                if frames:
-                    self._frames[start] = frames
-        return meta
-
-    def close(self) -> None:
-        self.store.close()
-
-
-def _encode(frame: pl.DataFrame) -> bytes:
-    table = frame.to_arrow()
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    data: bytes = sink.getvalue().to_pybytes()
-    return data
-
-
-def _decode(data: bytes) -> pl.DataFrame:
-    frame = pl.from_arrow(pa.ipc.open_stream(data).read_all())
-    assert isinstance(frame, pl.DataFrame)
-    return frame
+        keep = pl.col(_END) + (self._gap + self._lateness) > watermark
+        self._closed = self._closed.filter(keep)
+        self._closed_expiry = MAX_TIME
+        if not self._closed.height:
+            self._closed = None
+            return
+        earliest = self._closed[_END].min()
+        assert isinstance(earliest, int)
+        self._closed_expiry = earliest + self._gap + self._lateness
