@@ -17,14 +17,20 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dataflare.plugin.registry import PluginRegistry
 from dataflare.streaming.loader import LoadedFile, load_file
-from dataflare.streaming.metrics import RunSummary
 from dataflare.streaming.plan import PipelinePlan
-from dataflare.streaming.runner import PipelineRun, ProgressCallback
 from dataflare.streaming.validate import validate
+
+if TYPE_CHECKING:
+    from dataflare.plugin.registry import PluginRegistry
+    from dataflare.streaming.metrics import RunSummary
+    from dataflare.streaming.runner import ProgressCallback
+
+# The runner, and with it the executor and Polars, is imported by the
+# functions that run a pipeline, so that loading and validating do not pay
+# for it.
 
 
 def load_pipeline(
@@ -53,6 +59,8 @@ def run_pipeline(
         PipelineValidationError: the file is invalid.
         PipelineRunError: the run failed; `.summary` has what it did.
     """
+    from dataflare.streaming.runner import PipelineRun
+
     plan = (
         pipeline
         if isinstance(pipeline, PipelinePlan)
@@ -154,4 +162,6 @@ class Pipeline:
         )
 
     def run(self, *, on_progress: ProgressCallback | None = None) -> RunSummary:
+        from dataflare.streaming.runner import PipelineRun
+
         return PipelineRun(self.build()).run(on_progress=on_progress)

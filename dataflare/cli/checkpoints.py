@@ -1,4 +1,9 @@
-"""`dataflare checkpoints` and `dataflare savepoint`."""
+"""`dataflare checkpoints` and `dataflare savepoint`.
+
+The checkpoint storage (and fsspec with it), rich and the runner are
+imported when a command runs, so that the `dataflare` command starts
+without them.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,29 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
-from rich.console import Console
-from rich.table import Table
 
-from dataflare.state.checkpoint import Checkpoint, CheckpointError, CheckpointStorage
 from dataflare.streaming.errors import PipelineValidationError
-from dataflare.streaming.runner import PID_FILE
 
-console = Console(soft_wrap=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from dataflare.state.checkpoint import Checkpoint, CheckpointStorage
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
 
 
 def _storage_of(pipeline_file: Path, params: tuple[str, ...]) -> CheckpointStorage:
     from dataflare.api import load_pipeline
     from dataflare.cli.render import print_validation_error
+    from dataflare.state.checkpoint import CheckpointStorage
 
     values = dict(p.partition("=")[::2] for p in params)
     try:
@@ -63,6 +74,10 @@ def list_checkpoints(pipeline_file: Path, params: tuple[str, ...]) -> None:
     Example:
       dataflare checkpoints list pipeline.yaml
     """
+    from rich.table import Table
+
+    from dataflare.state.checkpoint import CheckpointError
+
     storage = _storage_of(pipeline_file, params)
     table = Table(title=f"checkpoints in {storage.root}", title_justify="left")
     for column in ("id", "created (UTC)", "took", "state", "status", "path"):
@@ -82,7 +97,7 @@ def list_checkpoints(pipeline_file: Path, params: tuple[str, ...]) -> None:
             "finished" if found.finished else "complete",
             location,
         )
-    console.print(table)
+    _console().print(table)
 
 
 @checkpoints.command()
@@ -95,6 +110,10 @@ def inspect(location: str, as_json: bool) -> None:
     Example:
       dataflare checkpoints inspect checkpoints/flights-delays/chk-000012
     """
+    from rich.table import Table
+
+    from dataflare.state.checkpoint import CheckpointError, CheckpointStorage
+
     storage = CheckpointStorage(str(Path(location).parent))
     try:
         found = storage.load(location)
@@ -105,6 +124,7 @@ def inspect(location: str, as_json: bool) -> None:
     if as_json:
         click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return
+    console = _console()
     console.print(
         f"checkpoint {found.id} of pipeline {found.pipeline_id}, created "
         f"{found.created_at}, took {found.duration_seconds * 1000:.1f} ms"
@@ -171,6 +191,8 @@ def savepoint(pipeline_file: Path, params: tuple[str, ...], timeout: float) -> N
     The pipeline must run on this machine with local checkpoint storage. Resume
     from the savepoint later with `dataflare run FILE --from DIRECTORY`.
     """
+    from dataflare.streaming.runner import PID_FILE
+
     storage = _storage_of(pipeline_file, params)
     pid_file = Path(storage.path) / PID_FILE
     try:

@@ -11,7 +11,8 @@ Exit codes:
 
 The WebAssembly commands call `dataflare.plugin.wasm.tooling`, imported
 when a command runs, so `list` and `info` work without the WebAssembly
-runtime installed.
+runtime installed. The plugin manager is also imported when a command
+runs, so that the `dataflare` command starts without Arrow and pydantic.
 """
 
 from __future__ import annotations
@@ -21,17 +22,13 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import orjson
 
-from dataflare.plugin.manager import (
-    AmbiguousPluginNameError,
-    PluginInfo,
-    default_manager,
-)
-from dataflare.plugin.registry import PluginNotFoundError
+if TYPE_CHECKING:
+    from dataflare.plugin.manager import PluginInfo, PluginManager
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -48,6 +45,13 @@ _format_option = click.option(
     show_default=True,
     help="Output format.",
 )
+
+
+def default_manager() -> PluginManager:
+    """Return the process-wide plugin manager (imported on first use)."""
+    from dataflare.plugin.manager import default_manager
+
+    return default_manager()
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -138,6 +142,8 @@ def info(name: str, section: str | None, output_format: str) -> None:
       dataflare plugin info filter
       dataflare plugin info csv --section destinations --format json
     """
+    from dataflare.plugin.manager import AmbiguousPluginNameError
+    from dataflare.plugin.registry import PluginNotFoundError
     from dataflare.streaming.schema import config_json_schema
 
     manager = default_manager()

@@ -1,29 +1,26 @@
 """Terminal output of the CLI: progress, the run summary, validation reports.
 
 Everything goes to standard error, so that standard output carries only
-the records of a `stdout` destination.
+the records of a `stdout` destination. The progress display imports
+rich's live and progress modules only when it first draws.
 """
 
 from __future__ import annotations
 
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.live import Live
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from dataflare.streaming.errors import PipelineValidationError
-from dataflare.streaming.metrics import RunSummary
-from dataflare.streaming.runner import ProgressSnapshot
+
+if TYPE_CHECKING:
+    from rich.live import Live
+    from rich.progress import Progress, TaskID
+
+    from dataflare.streaming.metrics import RunSummary
+    from dataflare.streaming.runner import ProgressSnapshot
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -61,6 +58,15 @@ class ProgressDisplay:
 
     def _update_bar(self, snapshot: ProgressSnapshot) -> None:
         if self._progress is None:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("[bold]reading"),
                 BarColumn(),
@@ -90,6 +96,8 @@ class ProgressDisplay:
             f"{snapshot.rate:,.0f} records/s"
         )
         if self._live is None:
+            from rich.live import Live
+
             self._live = Live(
                 text, console=console, transient=True, refresh_per_second=4
             )

@@ -4,7 +4,9 @@ A `PluginManager` owns a `PluginRegistry` (the look-up path of pipeline
 validation) and fills it from three places:
 
 - entry points in the `dataflare.plugins` group: the built-in plugins of the
-  `dataflare` distribution and those of installed third-party packages;
+  `dataflare` distribution (from the registry's `BUILTIN_PLUGINS` table) and
+  those of installed third-party packages (read from the package metadata
+  when first needed, see `dataflare.plugin.registry`);
 - plugin directories: every `*.py` file of a directory (names starting with
   `_` or `.` are skipped) is imported on its own, and each concrete plugin
   class defined in it is registered under its `metadata.name`. Directories

@@ -26,12 +26,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
 import yaml
 
 from dataflare.streaming.errors import PipelineValidationError, ValidationIssue
+
+if TYPE_CHECKING:
+    import jinja2
 
 Path_ = tuple[str | int, ...]
 
@@ -100,8 +102,7 @@ def load_text(text: str, source: str = "<string>") -> LoadedFile:
         PipelineValidationError: invalid YAML, or a document that is not a mapping.
     """
     try:
-        node = yaml.compose(text, Loader=PipelineYamlLoader)
-        data = yaml.load(text, Loader=PipelineYamlLoader)  # a SafeLoader
+        node, data = _parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -121,6 +122,20 @@ def load_text(text: str, source: str = "<string>") -> LoadedFile:
     if node is not None:
         _collect_lines(node, (), loaded)
     return loaded
+
+
+def _parse_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    """Return the node tree (for line numbers) and the data of one document.
+
+    The data is built from the node tree, so the text is parsed once.
+    """
+    loader = PipelineYamlLoader(text)  # a SafeLoader
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return node, data
 
 
 def load_file(path: str | Path) -> LoadedFile:
@@ -226,8 +241,7 @@ def render_template(loaded: LoadedFile, params: Mapping[str, Any]) -> LoadedFile
         raise PipelineValidationError(_with_lines(issues, loaded), loaded.source)
 
     assert isinstance(body, dict)
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
-    rendered = _render(body, ("template",), env, values, issues)
+    rendered = _render(body, ("template",), _Jinja(), values, issues)
     if issues:
         raise PipelineValidationError(_with_lines(issues, loaded), loaded.source)
     lines = {
@@ -408,31 +422,69 @@ def _check_type(value: Any, kind: str) -> Any:
     return value if isinstance(value, expected) else _INVALID
 
 
+class _Jinja:
+    """The Jinja2 environment of one rendering, made (and imported) on first use."""
+
+    def __init__(self) -> None:
+        self._env: jinja2.Environment | None = None
+
+    @property
+    def env(self) -> jinja2.Environment:
+        if self._env is None:
+            import jinja2
+
+            self._env = jinja2.Environment(
+                undefined=jinja2.StrictUndefined, autoescape=False
+            )
+        return self._env
+
+
+# Names that Jinja2 reads as constants, operators or its own objects rather
+# than as the parameter of that name; they are left to Jinja2.
+_JINJA_RESERVED = frozenset(
+    {"true", "false", "none", "True", "False", "None"}
+    | {"and", "or", "not", "in", "is", "if", "else"}
+    | {"self", "loop", "super", "caller", "varargs", "kwargs"}
+)
+
+
 def _render(
     node: Any,
     path: Path_,
-    env: jinja2.Environment,
+    jinja: _Jinja,
     values: Mapping[str, Any],
     issues: list[ValidationIssue],
 ) -> Any:
     if isinstance(node, dict):
-        return {k: _render(v, (*path, k), env, values, issues) for k, v in node.items()}
+        return {
+            k: _render(v, (*path, k), jinja, values, issues) for k, v in node.items()
+        }
     if isinstance(node, list):
-        return [_render(v, (*path, i), env, values, issues) for i, v in enumerate(node)]
+        return [
+            _render(v, (*path, i), jinja, values, issues) for i, v in enumerate(node)
+        ]
     if not isinstance(node, str) or ("{{" not in node and "{%" not in node):
         return node
+    single = _SINGLE_EXPRESSION.match(node)
+    if single is not None:
+        # `{{ name }}` of a parameter evaluates to the parameter's value, so
+        # it is looked up without Jinja2, which then often is not imported.
+        name = single.group("expr").strip()
+        if name in values and name.isidentifier() and name not in _JINJA_RESERVED:
+            return values[name]
+    import jinja2  # imported already by `_Jinja.env`, or imported now
+
     try:
-        single = _SINGLE_EXPRESSION.match(node)
         if single is not None:
             # Evaluated, not rendered, so that the value keeps its type.
-            expression = env.compile_expression(
+            expression = jinja.env.compile_expression(
                 single.group("expr"), undefined_to_none=False
             )
             result = expression(**values)
             if isinstance(result, jinja2.Undefined):
                 str(result)  # raises UndefinedError naming the variable
             return result
-        return env.from_string(node).render(**values)
+        return jinja.env.from_string(node).render(**values)
     except jinja2.TemplateError as exc:
         known = ", ".join(sorted(values)) or "(none)"
         issues.append(

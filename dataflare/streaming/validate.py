@@ -58,7 +58,6 @@ from dataflare.streaming.spec import (
     ReplaySpec,
     WatermarkSpec,
 )
-from dataflare.streaming.time import EventTimeExtractor
 
 SECTIONS: tuple[Section, ...] = ("sources", "transformations", "destinations")
 
@@ -744,6 +743,10 @@ def _step_schema(
                 )
         schema = plugin.schema()
         if step.event_time is not None:
+            # Imported here because it imports Polars, which a pipeline
+            # without event time or expressions does not need.
+            from dataflare.streaming.time import EventTimeExtractor
+
             schema = EventTimeExtractor(step.event_time, schema).output_schema(schema)
         step.output_schema = schema
     elif isinstance(plugin, Transform):
