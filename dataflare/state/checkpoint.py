@@ -25,7 +25,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import orjson
 
 from dataflare.state.faults import crash_point
@@ -87,6 +86,10 @@ class CheckpointStorage:
 
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/")
+        # Imported here because fsspec pulls in asyncio and ssl, which runs
+        # without checkpoints do not need.
+        import fsspec
+
         self.fs, self.path = fsspec.core.url_to_fs(self.root)
         self.local = "file" in _protocols(self.fs)
 

@@ -63,7 +63,7 @@ class EventTimeExtractor:
         self._expr = self._converted(schema)
 
     def _converted(self, schema: pa.Schema) -> pl.Expr:
-        empty = pl.from_arrow(schema.empty_table())
+        empty = pl.from_arrow(pa.Table.from_batches([], schema=schema))
         assert isinstance(empty, pl.DataFrame)
         try:
             dtype = empty.select(self._source.alias("t")).schema["t"]

@@ -74,7 +74,7 @@ from dataflare.state.frames import FrameStore
 from dataflare.state.keyed import MAX_TIME, MIN_TIME, KeyedStateStore
 from dataflare.streaming.spec import Duration
 from dataflare.streaming.time import micros
-from dataflare.transforms.expressions import to_batch, to_polars
+from dataflare.transforms.expressions import empty_batch, to_batch, to_polars
 
 WINDOW_START = "window_start"
 WINDOW_END = "window_end"
@@ -303,7 +303,7 @@ class WindowTransform(Transform[WindowConfig]):
         self._input_schema = schema
         fields = [schema.field(name) for name in self._fields()]
         self._pending_schema = pa.schema([*fields, pa.field(_WS, pa.int64())])
-        empty = to_polars(pa.RecordBatch.from_pylist([], schema=schema))
+        empty = to_polars(empty_batch(schema))
         rows = empty.select(self._fields()).with_columns(pl.lit(0, pl.Int64).alias(_WS))
         exprs = [agg.expr(name) for name, agg in self.config.aggregations.items()]
         results = rows.group_by([*self.config.key_by, _WS]).agg(exprs)

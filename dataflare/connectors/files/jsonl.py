@@ -83,6 +83,7 @@ from dataflare.plugin.interface import (
     Source,
     SourceBatch,
 )
+from dataflare.transforms.expressions import empty_batch
 
 BOM = b"\xef\xbb\xbf"
 _EXTENSIONS = (".jsonl", ".ndjson", ".json")
@@ -248,7 +249,7 @@ class JsonLinesParser:
             self._parse_span(block, span.slice(middle, None), pieces, rejected)
 
     def _empty(self) -> pa.RecordBatch:
-        return pa.RecordBatch.from_pylist([], schema=self.schema)
+        return empty_batch(self.schema)
 
     def _parse_fast(self, block: Block, span: _LineSpan) -> pa.RecordBatch | None:
         """Parse with Arrow, or return None if any line needs a closer look."""
