@@ -752,3 +752,13 @@ def test_line_starts_count_blank_and_quoted_lines() -> None:
     chunk = b'1,x\n\n2\n"3\nq",y\n\r\n4,z\n5'
     assert list(line_starts(chunk, b'"')) == [1, 3, 4, 7, 8]
     assert np.array_equal(line_starts(b"a\nb\n", None), [1, 2])
+
+
+def test_convert_text_date_only_timestamp_with_zone() -> None:
+    texts = ["2013-01-01", "2013-01-01T10:15:00+02:00", "2013-01-02 06:00"]
+    converted, bad = convert_text(pa.array(texts), pa.timestamp("us", tz="UTC"))
+    expected = pd.to_datetime(
+        ["2013-01-01T00:00:00Z", "2013-01-01T08:15:00Z", "2013-01-02T06:00:00Z"]
+    )
+    assert bad.tolist() == []
+    assert converted.to_pylist() == [t.to_pydatetime() for t in expected]

@@ -231,7 +231,9 @@ def line_starts(chunk: bytes, quote: bytes | None = None) -> np.ndarray:
 # --- converting text to typed values ---------------------------------------
 
 _TRIMMED = (pa.types.is_integer, pa.types.is_floating, pa.types.is_date)
-_OFFSET = r"(?:[zZ]|[+-]\d\d(?::?\d\d)?)$"
+# The offset follows a time, so the "-01" that ends a date-only text such as
+# "2013-01-01" is not taken for an offset.
+_OFFSET = r"[T ]\d\d(?::?\d\d){0,2}(?:[.,]\d+)?(?:[zZ]|[+-]\d\d(?::?\d\d)?)$"
 
 # Shapes that every value Arrow accepts for a type has; they are looser than
 # Arrow's parsers. A value without the shape is bad without trying a cast,
