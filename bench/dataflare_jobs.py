@@ -12,6 +12,10 @@ registers as plugins from code, as the Python API documents.
 - W3 `rate`: a benchmark source that offers, at each read, every record due
   by then on the fixed schedule, each stamped with its scheduled time, as
   the Bytewax, Pathway and plain-Python programs do.
+- W3 options for looking into the engine: `--steps arrow` replaces the
+  `filter` and `sql` steps with two benchmark plugins that make the same
+  records with hand-written Arrow compute calls, which shows what the
+  engine itself adds; `--chaining off` runs every step on its own thread.
 - W5: many copies of a small `generate` to counting-sink pipeline, each
   with its own executor, all started at once in this process.
 - W6: W2's windows (10-second windows) over a `generate` stream at a fixed
@@ -27,12 +31,13 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,6 +52,7 @@ from dataflare.plugin.interface import (
     SinkConfig,
     Source,
     SourceBatch,
+    Transform,
 )
 from dataflare.plugin.registry import PluginRegistry
 from dataflare.streaming.executor import Executor
@@ -136,6 +142,11 @@ class RateSource(Source[RateSourceConfig]):
         """Return the W3 record schema."""
         return W3_SCHEMA
 
+    def open(self) -> None:
+        """Make the records, all but their offer times, before the run starts."""
+        total = int(self.config.rate * self.config.seconds)
+        self._columns = _w3_columns(np.arange(total, dtype=np.int64))
+
     def read(self) -> Iterator[SourceBatch | Idle]:
         """Yield the due records, or IDLE while none is due.
 
@@ -145,7 +156,7 @@ class RateSource(Source[RateSourceConfig]):
         rate = self.config.rate
         total = int(rate * self.config.seconds)
         start = time.monotonic_ns() + 50_000_000
-        records = self._records(total, start)
+        records = self._with_offer_times(self._columns, start)
         index = 0
         while index < total and not self.context.stopping:
             due = min(total, common.due_count(rate, start, time.monotonic_ns()))
@@ -157,21 +168,78 @@ class RateSource(Source[RateSourceConfig]):
             index = due
 
     def _records(self, total: int, start: int) -> pa.RecordBatch:
-        index = np.arange(total, dtype=np.int64)
-        carriers = pa.array(common.CARRIERS, pa.string())
-        origins = pa.array(common.ORIGINS, pa.string())
+        columns = _w3_columns(np.arange(total, dtype=np.int64))
+        return self._with_offer_times(columns, start)
+
+    def _with_offer_times(self, columns: list[pa.Array], start: int) -> pa.RecordBatch:
+        index = np.arange(len(columns[0]), dtype=np.int64)
         offered = start + (index * (1e9 / self.config.rate)).astype(np.int64)
         return pa.RecordBatch.from_arrays(
-            [
-                pa.array(index),
-                carriers.take(pa.array(index % len(common.CARRIERS))),
-                origins.take(pa.array(index % len(common.ORIGINS))),
-                pa.array(index % 60 - 10),
-                pa.array(index % 45 - 5, mask=index % 10 == 0),
-                pa.array(offered),
-            ],
-            schema=W3_SCHEMA,
+            [*columns, pa.array(offered)], schema=W3_SCHEMA
         )
+
+
+def _w3_columns(index: np.ndarray) -> list[pa.Array]:
+    """Return W3's fields but `offered_ns` for records numbered `index`.
+
+    `arr_delay` gets its nulls from `pc.if_else`: `pa.array(..., mask=...)`
+    imports pandas, which would put the import's objects and time into the
+    measured run.
+    """
+    carriers = pa.array(common.CARRIERS, pa.string())
+    origins = pa.array(common.ORIGINS, pa.string())
+    arr_delay = pc.if_else(
+        pa.array(index % 10 == 0), pa.scalar(None, pa.int64()), pa.array(index % 45 - 5)
+    )
+    return [
+        pa.array(index),
+        carriers.take(pa.array(index % len(common.CARRIERS))),
+        origins.take(pa.array(index % len(common.ORIGINS))),
+        pa.array(index % 60 - 10),
+        arr_delay,
+    ]
+
+
+class ArrowDelayFilter(Transform[PluginConfig]):
+    """W3's filter, `dep_delay > 15`, as one Arrow compute call per batch."""
+
+    metadata = PluginMetadata("arrow-delayed", PluginKind.FILTER, "W3 filter")
+    Config = PluginConfig
+
+    def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
+        """Keep the input schema."""
+        return inputs[0]
+
+    def process(
+        self, batch: pa.RecordBatch, input_index: int = 0
+    ) -> list[pa.RecordBatch]:
+        """Keep the records with `dep_delay > 15` (null is not greater)."""
+        keep = pc.greater(batch.column("dep_delay"), common.THRESHOLD)
+        return [batch.filter(keep)]
+
+
+class ArrowProjection(Transform[PluginConfig]):
+    """W3's projection (`W3_QUERY`) with Arrow compute calls."""
+
+    metadata = PluginMetadata("arrow-projected", PluginKind.MAP, "W3 projection")
+    Config = PluginConfig
+    FIELDS = ("id", "carrier", "origin", "dep_delay")
+
+    def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
+        """Return the W3 output schema."""
+        fields = [inputs[0].field(name) for name in self.FIELDS]
+        fields += [pa.field("gained", pa.int64()), inputs[0].field("offered_ns")]
+        return pa.schema(fields)
+
+    def process(
+        self, batch: pa.RecordBatch, input_index: int = 0
+    ) -> list[pa.RecordBatch]:
+        """Select the output fields and compute `gained`."""
+        gained = pc.subtract(batch.column("dep_delay"), batch.column("arr_delay"))
+        columns = [batch.column(name) for name in self.FIELDS]
+        columns += [gained, batch.column("offered_ns")]
+        names = [*self.FIELDS, "gained", "offered_ns"]
+        return [pa.RecordBatch.from_arrays(columns, names=names)]
 
 
 def registry() -> PluginRegistry:
@@ -180,6 +248,8 @@ def registry() -> PluginRegistry:
     plugins.register("timing", TimingSink)
     plugins.register("count", CountSink)
     plugins.register("rate", RateSource)
+    plugins.register("arrow-delayed", ArrowDelayFilter)
+    plugins.register("arrow-projected", ArrowProjection)
     return plugins
 
 
@@ -191,13 +261,23 @@ W3_QUERY = (
 )
 
 
-def w3(source: str, rate: float, seconds: float) -> dict[str, Any]:
+def w3(
+    source: str,
+    rate: float,
+    seconds: float,
+    *,
+    steps: str = "filter-sql",
+    chaining: bool = True,
+) -> dict[str, Any]:
     """W3: W1's filter and projection over records offered at a fixed rate.
 
     Args:
         source: `rate` (the benchmark's scheduled source) or `generate`.
         rate: Records per second.
         seconds: How long to offer records.
+        steps: `filter-sql` (the `filter` and `sql` transformations) or
+            `arrow` (the benchmark's Arrow compute plugins, `rate` only).
+        chaining: Run chainable steps on one thread (the default).
 
     Returns:
         Records offered and latency percentiles.
@@ -224,16 +304,24 @@ def w3(source: str, rate: float, seconds: float) -> dict[str, Any]:
             fields=fields,
         )
         offered, clock = "offered", "wall"
-    delayed = p.transform("delayed", "filter", [records], condition="dep_delay > 15")
-    projected = p.transform(
-        "projected", "sql", [delayed], query=W3_QUERY.format(offered=offered)
-    )
+    if steps == "arrow":
+        delayed = p.transform("delayed", "arrow-delayed", [records])
+        projected = p.transform("projected", "arrow-projected", [delayed])
+    else:
+        delayed = p.transform(
+            "delayed", "filter", [records], condition="dep_delay > 15"
+        )
+        projected = p.transform(
+            "projected", "sql", [delayed], query=W3_QUERY.format(offered=offered)
+        )
     p.destination("out", "timing", [projected], clock=clock)
-    summary = p.run()
+    summary = PipelineRun(p.build(), chaining=chaining).run()
     latencies = np.concatenate(LATENCIES) if LATENCIES else np.array([], np.int64)
     return {
         "records_in": summary.records_read,
         "source": source,
+        "steps": steps,
+        "chaining": chaining,
         **common.percentiles(latencies.tolist(), 0.1),
     }
 
@@ -367,9 +455,29 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50_000)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--pipelines", type=int, default=100)
+    parser.add_argument(
+        "--steps",
+        choices=["filter-sql", "arrow"],
+        default="filter-sql",
+        help="W3: the filter and sql transformations, or Arrow compute plugins",
+    )
+    parser.add_argument(
+        "--chaining",
+        choices=["on", "off"],
+        default="on",
+        help="W3: run chainable steps on one thread (on) or one thread per step",
+    )
     args = parser.parse_args()
     if args.workload == "W3":
-        result = w3(args.source, args.rate, args.seconds)
+        if args.steps == "arrow" and args.source != "rate":
+            parser.error("--steps arrow needs --source rate")
+        result = w3(
+            args.source,
+            args.rate,
+            args.seconds,
+            steps=args.steps,
+            chaining=args.chaining == "on",
+        )
     elif args.workload == "W5":
         common.report(w5(args.pipelines, args.seconds))
         # Thousands of threads take minutes to wind down under the GIL; the

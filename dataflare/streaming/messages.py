@@ -3,7 +3,9 @@
 Each message carries the `channel` it arrived on: one channel per
 (upstream instance, port) edge into a downstream instance, so that the
 downstream instance can track a watermark per input and know when all of
-them have ended.
+them have ended. Between threads the messages wait in a `Channel`; within a
+chain the upstream hands them to the downstream instance by a direct call,
+and data goes without a `Data` object.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ or machine.
 from __future__ import annotations
 
 import builtins
+import collections
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -67,3 +68,45 @@ class PipelinePlan:
 
     def dead_letter_path(self) -> str:
         return self.spec.errors.dead_letter.path.replace("{pipeline_id}", self.spec.id)
+
+    def chains(self, *, enabled: bool = True) -> list[list[str]]:
+        """Group the steps into chains that can each run on one thread.
+
+        A step joins its upstream's chain when both have parallelism 1, it
+        has exactly one input, and it is the upstream's only consumer (over
+        all ports). The upstream then calls it directly instead of putting
+        batches in a queue, as Flink chains operators. Every other edge
+        (fan-out, fan-in, parallelism above 1, keyed exchanges) stays a
+        queue between threads.
+
+        Args:
+            enabled: False gives one chain per step.
+
+        Returns:
+            Step ids per chain, head first, chains in topological order.
+        """
+        readers = collections.Counter(
+            ref.step for step in self.steps.values() for ref in step.inputs
+        )
+        chains: list[list[str]] = []
+        chain_of: dict[str, list[str]] = {}
+        for step in self.steps.values():
+            upstream = self._chained_upstream(step, readers) if enabled else None
+            if upstream is None:
+                chain = [step.id]
+                chains.append(chain)
+            else:
+                chain = chain_of[upstream]
+                chain.append(step.id)
+            chain_of[step.id] = chain
+        return chains
+
+    def _chained_upstream(
+        self, step: StepPlan, readers: collections.Counter[str]
+    ) -> str | None:
+        if len(step.inputs) != 1 or step.parallelism != 1:
+            return None
+        upstream = self.steps[step.inputs[0].step]
+        if upstream.parallelism != 1 or readers[upstream.id] != 1:
+            return None
+        return upstream.id

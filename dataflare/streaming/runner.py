@@ -60,10 +60,11 @@ class PipelineRun:
         *,
         resume_from: str | None = None,
         from_scratch: bool = False,
+        chaining: bool | None = None,
     ) -> None:
         self.plan = plan
         self.executor = Executor(
-            plan, resume_from=resume_from, from_scratch=from_scratch
+            plan, resume_from=resume_from, from_scratch=from_scratch, chaining=chaining
         )
         self._started = 0.0
 

@@ -162,7 +162,12 @@ class ExecutionSpec(_Model):
     max_batch_rows: int = Field(default=65536, ge=1)
     """Largest batch a source emits."""
     linger: Duration = timedelta(milliseconds=5)
-    """Maximum time a source keeps records back to fill a batch."""
+    """Accepted for older files and has no effect, because batches never wait
+    for more rows."""
+    chaining: bool = True
+    """Run a step on its upstream's thread when both have parallelism 1, it
+    has one input and is the upstream's only consumer; false gives every
+    instance its own thread."""
     queue_batches: int = Field(default=8, ge=1)
     """Batches that may wait between two steps before the upstream one blocks."""
 
