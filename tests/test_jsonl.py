@@ -729,6 +729,121 @@ def test_reasons_show_json_text(tmp_path: Path, context: RecordingContext) -> No
     ]
 
 
+INT64_RANGE = "(-9223372036854775808 to 9223372036854775807)"
+
+
+def test_integers_beyond_int64_rejected(
+    tmp_path: Path, context: RecordingContext
+) -> None:
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(
+        b'{"id": 1}\n'
+        b'{"id": -9223372036854775809}\n'  # 2: one below the minimum
+        b'{"id": 3}\n'
+        b'{"id": -9223372036854775808}\n'  # 4: the minimum fits
+        b'{"id": 9223372036854775808}\n'  # 5: one above the maximum
+        b'{"id": -92233720368547758090}\n'  # 6
+    )
+    source = make_source(context, path, schema={"id": "int"})
+
+    table, batches = read_all(source)
+
+    assert table.column("id").to_pylist() == [1, 3, -(2**63)]
+    assert positions(batches) == [f"{path} line {n}" for n in (1, 3, 4)]
+    assert [(r[0], r[1], r[2]) for r in context.rejected] == [
+        (
+            {"id": -(2**63) - 1},
+            f"field 'id': value -9223372036854775809 is out of range for int64 "
+            f"{INT64_RANGE}",
+            f"{path} line 2",
+        ),
+        (
+            {"id": 2**63},
+            f"field 'id': value 9223372036854775808 is out of range for int64 "
+            f"{INT64_RANGE}",
+            f"{path} line 5",
+        ),
+        (
+            {"id": -(2**63) * 10 - 10},
+            f"field 'id': value -92233720368547758090 is out of range for int64 "
+            f"{INT64_RANGE}",
+            f"{path} line 6",
+        ),
+    ]
+
+
+def test_integers_beyond_int64_inferred_as_float(
+    tmp_path: Path, context: RecordingContext
+) -> None:
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b'{"id": 1}\n{"id": -9223372036854775809}\n{"id": 3}\n')
+    source = make_source(context, path)
+
+    table, _ = read_all(source)
+
+    assert source.schema() == pa.schema([pa.field("id", pa.float64())])
+    assert table.column("id").to_pylist() == [1.0, float(-(2**63) - 1), 3.0]
+    assert context.rejected == []
+
+
+@pytest.mark.parametrize("schema", [None, {"id": "int", "s": "string"}])
+def test_unpaired_surrogate_rejected(
+    tmp_path: Path, context: RecordingContext, schema: dict[str, str] | None
+) -> None:
+    path = tmp_path / "text.jsonl"
+    path.write_bytes(
+        b'{"id": 1, "s": "a"}\n'
+        b'{"id": 2, "s": "\\ud800"}\n'
+        b'{"id": 3, "s": "c"}\n'
+        b'{"id": 4, "s": "\\ud83d\\ude00"}\n'  # a surrogate pair is one character
+        b'{"id": 5, "s": "x\\uDC00y"}\n'
+    )
+    config = {} if schema is None else {"schema": schema}
+    source = make_source(context, path, **config)
+
+    table, batches = read_all(source)
+
+    assert table.column("id").to_pylist() == [1, 3, 4]
+    assert table.column("s").to_pylist() == ["a", "c", "\N{GRINNING FACE}"]
+    assert positions(batches) == [f"{path} line {n}" for n in (1, 3, 4)]
+    assert context.rejected == [
+        (
+            '{"id": 2, "s": "\\ud800"}',
+            "field 's': text contains an unpaired surrogate escape \\ud800",
+            f"{path} line 2",
+        ),
+        (
+            '{"id": 5, "s": "x\\uDC00y"}',
+            "field 's': text contains an unpaired surrogate escape \\udc00",
+            f"{path} line 5",
+        ),
+    ]
+
+
+def test_unpaired_surrogate_in_dead_letter_file(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(
+        b'{"id": 1, "s": "a"}\n{"id": 2, "s": "\\ud800"}\n{"id": 3, "s": "c"}\n'
+    )
+    dead_letter = tmp_path / "dl.jsonl"
+    p = Pipeline("jsonl-surrogate")
+    events = p.source("events", "jsonl", path=str(path))
+    p.destination("out", "memory", [events])
+    p.errors(policy="dead_letter", dead_letter={"path": str(dead_letter)})
+
+    summary = p.run()
+
+    assert summary.output("out").column("s").to_pylist() == ["a", "c"]
+    entries = [orjson.loads(line) for line in dead_letter.read_bytes().splitlines()]
+    assert [(e["position"], e["record"], e["reason"]) for e in entries] == [
+        (
+            f"{path} line 2",
+            '{"id": 2, "s": "\\ud800"}',
+            "field 's': text contains an unpaired surrogate escape \\ud800",
+        )
+    ]
+
+
 # --- an unterminated last line in follow mode -------------------------------------
 
 

@@ -92,6 +92,11 @@ _TIMESTAMP_TEXT = re.compile(
     r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}(:?\d{2})?)?$"
 )
 _DATE_TEXT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_LONG_DIGITS = re.compile(rb"\d{19}")
+"""19 digits in a row: a number that may not fit 64 bits (2**63 has 19 digits)."""
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _UTC = pa.timestamp("us", tz="UTC")
 
 
@@ -315,16 +320,32 @@ class JsonLinesParser:
             LineError: the line is not a JSON object, or a value does not fit.
         """
         value = _load_json(line)
+        # orjson rejects an unpaired surrogate escape such as `\ud800`, but the
+        # standard library reads it into text that Arrow and orjson cannot
+        # encode. Such a line goes to the dead-letter output as its text.
+        unpaired = bool(_SURROGATE_ESCAPE.search(line)) and (
+            _find_surrogate(value) is not None
+        )
+        record = _line_text(line) if unpaired else value
         if not isinstance(value, dict):
-            raise LineError(value, f"expected a JSON object, found {_json_kind(value)}")
+            raise LineError(
+                record, f"expected a JSON object, found {_json_kind(value)}"
+            )
         row = {}
         for name, convert in self._converters:
             raw = value.get(name)
+            surrogate = _find_surrogate(raw) if unpaired else None
+            if surrogate is not None:
+                reason = (
+                    f"field {name!r}: text contains an unpaired surrogate escape "
+                    f"\\u{ord(surrogate):04x}"
+                )
+                raise LineError(record, reason)
             try:
                 row[name] = convert(raw)
             except (ValueError, TypeError, OverflowError) as exc:
                 reason = f"field {name!r}: value {json_text(raw)} {exc}"
-                raise LineError(value, reason) from None
+                raise LineError(record, reason) from None
         return row
 
 
@@ -410,16 +431,40 @@ def _non_blank(block: Block, starts: np.ndarray, ends: np.ndarray) -> np.ndarray
 
 def _load_json(line: Block) -> Any:
     try:
-        return orjson.loads(line)
+        value = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         # Arrow's reader accepts NaN and Infinity, which orjson rejects, so
         # try the standard library before rejecting the line.
         try:
             return json.loads(line)
         except ValueError:
-            text = bytes(line).decode("utf-8", errors="replace").strip()
             reason = f"invalid JSON at column {exc.colno}: {exc.msg}"
-            raise LineError(text, reason) from None
+            raise LineError(_line_text(line), reason) from None
+    # orjson (3.13) reads an integer beyond 64 bits as the nearest float, which
+    # can round into range: -9223372036854775809 becomes -2**63. The standard
+    # library reads integers exactly.
+    if _LONG_DIGITS.search(line):
+        return json.loads(line)
+    return value
+
+
+def _line_text(line: Block) -> str:
+    return bytes(line).decode("utf-8", errors="replace").strip()
+
+
+def _find_surrogate(value: Any) -> str | None:
+    """Return the first unpaired surrogate in the text of `value`, keys included."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        return found.group() if found else None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        for item in value:
+            found_in_item = _find_surrogate(item)
+            if found_in_item is not None:
+                return found_in_item
+    return None
 
 
 def json_text(value: Any) -> str:
@@ -590,9 +635,10 @@ def _arrow_converter(dtype: pa.DataType) -> Converter:
 def infer_schema(objects: Iterable[dict[str, Any]]) -> pa.Schema:
     """Infer field types from parsed JSON objects, fields in order of appearance.
 
-    Integers become int64, numbers float64, ISO 8601 strings with a time
-    timestamp[us, UTC], `YYYY-MM-DD` strings date32, and fields with mixed or
-    only null values string. Nested values keep the type Arrow infers for them.
+    Integers become int64, other numbers float64 (integers beyond int64
+    too), ISO 8601 strings with a time timestamp[us, UTC], `YYYY-MM-DD`
+    strings date32, and fields with mixed or only null values string. Nested
+    values keep the type Arrow infers for them.
     """
     values: dict[str, list[Any]] = {}
     for obj in objects:
@@ -609,7 +655,7 @@ def _infer_type(values: list[Any]) -> pa.DataType:
         return pa.bool_()
     if any(isinstance(v, bool) for v in present):
         return pa.string()
-    if all(isinstance(v, int) for v in present):
+    if all(isinstance(v, int) and _INT64_MIN <= v <= _INT64_MAX for v in present):
         return pa.int64()
     if all(isinstance(v, int | float) for v in present):
         return pa.float64()
