@@ -126,8 +126,9 @@ class EventTimeExtractor:
                 dtype=pl.Datetime("us", "UTC"),
             )
         if self._parse_iso:
-            times = times.str.to_datetime(time_unit="us", strict=False)
-        times = _normalise(times, self.spec.timezone)
+            times = _parse_iso(times, self.spec.timezone)
+        else:
+            times = _normalise(times, self.spec.timezone)
         arrow_times = times.to_arrow().cast(EVENT_TIME_TYPE)
         if EVENT_TIME in batch.schema.names:
             batch = batch.drop_columns([EVENT_TIME])
@@ -156,6 +157,34 @@ class EventTimeExtractor:
                 f"does not match format {fmt!r}"
             )
         return f"missing event time: expression {self.spec.expression!r} gave no value"
+
+
+def _parse_iso(strings: pl.Series, timezone: str) -> pl.Series:
+    """Parse ISO 8601 strings, with nulls for values that do not parse."""
+    try:
+        parsed = strings.str.to_datetime(time_unit="us", strict=False)
+    except pl.exceptions.ComputeError:
+        # Polars infers the format from the values and raises, instead of
+        # returning nulls, when no value matches a format it recognises.
+        # Parsing each distinct value alone keeps any good one.
+        parsed_values = {
+            value: _parse_one(value, timezone)
+            for value in strings.drop_nulls().unique()
+        }
+        return pl.Series(
+            strings.name,
+            [parsed_values.get(value) for value in strings],
+            dtype=pl.Datetime("us", "UTC"),
+        )
+    return _normalise(parsed, timezone)
+
+
+def _parse_one(value: str, timezone: str) -> object:
+    try:
+        parsed = pl.Series([value]).str.to_datetime(time_unit="us", strict=False)
+    except pl.exceptions.ComputeError:
+        return None
+    return _normalise(parsed, timezone).item()
 
 
 def _normalise(times: pl.Series, timezone: str) -> pl.Series:

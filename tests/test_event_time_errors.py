@@ -1,0 +1,110 @@
+"""Records whose event time does not parse go to the dead-letter file, even
+when no value in their batch parses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dataflare import Pipeline
+
+# The smallest block size of the JSON lines source. Lines longer than half of
+# it put at most one whole line in each block, so bad lines get batches alone.
+BLOCK_SIZE = 4096
+PAD = "x" * 3000
+
+
+def write_lines(path: Path, records: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def run(path: Path, tmp_path: Path, **source: Any) -> tuple[list[Any], list[Any]]:
+    p = Pipeline("times")
+    src = p.source(
+        "src",
+        "jsonl",
+        path=str(path),
+        schema={"k": "string", "at": "string", "pad": "string"},
+        event_time={"field": "at"},
+        **source,
+    )
+    out = tmp_path / "out.jsonl"
+    dead = tmp_path / "dead.jsonl"
+    p.destination("out", "jsonl", [src], path=str(out))
+    p.errors(dead_letter={"path": str(dead)})
+    p.run()
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    rejected = (
+        [json.loads(line) for line in dead.read_text().splitlines()]
+        if dead.exists()
+        else []
+    )
+    return written, rejected
+
+
+def reason(value: str) -> str:
+    return (
+        f"invalid event time: field 'at' value {value!r} "
+        "does not match format 'ISO 8601'"
+    )
+
+
+def test_batch_with_no_parseable_time(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    write_lines(path, [{"k": "a", "at": "garbage", "pad": ""}])
+    written, rejected = run(path, tmp_path)
+    assert written == []
+    assert [(r["step"], r["position"], r["reason"], r["record"]) for r in rejected] == [
+        (
+            "src",
+            f"{path} line 1",
+            reason("garbage"),
+            {"k": "a", "at": "garbage", "pad": ""},
+        )
+    ]
+
+
+def test_bad_lines_alone_in_their_batches(tmp_path: Path) -> None:
+    times = [
+        ("a", "2024-03-01T10:00:00+00:00"),
+        ("b", "garbage"),
+        ("c", "2024-03-01T11:00:00+00:00"),
+        ("d", "not a time"),
+        ("e", "also bad"),
+        ("f", "2024-03-01T12:30:00+00:00"),
+        ("g", "13:00 yesterday"),
+    ]
+    path = tmp_path / "in.jsonl"
+    write_lines(path, [{"k": k, "at": at, "pad": PAD} for k, at in times])
+    written, rejected = run(path, tmp_path, block_size=BLOCK_SIZE)
+    assert [(r["k"], r["at"]) for r in written] == [
+        ("a", "2024-03-01T10:00:00+00:00"),
+        ("c", "2024-03-01T11:00:00+00:00"),
+        ("f", "2024-03-01T12:30:00+00:00"),
+    ]
+    assert [(r["position"], r["reason"], r["record"]["k"]) for r in rejected] == [
+        (f"{path} line 2", reason("garbage"), "b"),
+        (f"{path} line 4", reason("not a time"), "d"),
+        (f"{path} line 5", reason("also bad"), "e"),
+        (f"{path} line 7", reason("13:00 yesterday"), "g"),
+    ]
+
+
+def test_bad_and_good_times_in_one_batch(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    records: list[dict[str, Any]] = [
+        {"k": "a", "at": "garbage", "pad": ""},
+        {"k": "b", "at": "2024-03-01T10:00:00Z", "pad": ""},
+        {"k": "c", "at": None, "pad": ""},
+    ]
+    write_lines(path, records)
+    written, rejected = run(path, tmp_path)
+    assert [r["k"] for r in written] == ["b"]
+    assert [(r["position"], r["reason"]) for r in rejected] == [
+        (f"{path} line 1", reason("garbage")),
+        (
+            f"{path} line 3",
+            "missing event time: field 'at' is empty or absent",
+        ),
+    ]
