@@ -367,3 +367,56 @@ def test_global_session_late_after_emission(tmp_path: Path) -> None:
         (T0 + timedelta(minutes=45), T0 + timedelta(minutes=45) + gap, 1),
     ]
     assert [r["id"] for r in rows(summary.output("late"))] == [3]
+
+
+@pytest.mark.parametrize(
+    ("window", "exact"),
+    [
+        ({"kind": "session", "gap": "10m", "size": None}, False),
+        ({"kind": "tumbling", "size": "1h"}, False),
+        ({"kind": "tumbling", "size": "1h"}, True),
+        ({"kind": "sliding", "size": "1h", "slide": "30m"}, True),
+    ],
+)
+@pytest.mark.parametrize("batch_rows", [1, 7])
+def test_first_last_on_equal_times(
+    window: dict[str, Any], exact: bool, batch_rows: int
+) -> None:
+    # Every record has the same event time and the keys interleave, so only
+    # arrival order decides which record is first and last of each key.
+    p = Pipeline("ties")
+    src = p.source(
+        "events",
+        "generate",
+        count=100,
+        seed=1,
+        batch_rows=batch_rows,
+        fields={
+            "v": "sequence",
+            "k": {"type": "choice", "values": ["a", "b"]},
+            "at": {"type": "constant", "value": "2024-05-01T10:00:00Z"},
+        },
+        event_time={"field": "at"},
+    )
+    fns = ["first", "last", "min", "max"]
+    aggregations = {f"{fn}_v": {"fn": fn, "field": "v"} for fn in fns}
+    if exact:
+        # count_distinct makes the frame store keep records, not partial results.
+        aggregations["distinct_v"] = {"fn": "count_distinct", "field": "v"}
+    windows = p.transform(
+        "w", "window", [src], key_by=["k"], aggregations=aggregations, **window
+    )
+    p.destination("out", "memory", [windows])
+    p.destination("raw", "memory", [src])
+
+    summary = p.run()
+
+    raw = summary.output("raw").to_pandas()
+    expected = raw.groupby("k")["v"].agg(fns).reset_index()
+    assert expected["k"].tolist() == ["a", "b"]
+    got = summary.output("out").to_pandas()
+    assert len(got) == (2 if window["kind"] == "sliding" else 1) * 2
+    for _, row in got.iterrows():
+        want = expected[expected["k"] == row["k"]].iloc[0]
+        for fn in fns:
+            assert row[f"{fn}_v"] == want[fn], (row["k"], fn)

@@ -629,7 +629,9 @@ class WindowTransform(Transform[WindowConfig]):
         # read again at every firing until its session closes.
         self._session_min = None
         rows = pl.concat(self._frames.pop(_SESSION))
-        rows = rows.sort([*self.config.key_by, _TS])
+        # A stable sort, so that records with equal event times keep their
+        # arrival order for `first` and `last`.
+        rows = rows.sort([*self.config.key_by, _TS], maintain_order=True)
         keys = self.config.key_by
         previous = pl.col(_TS).shift(1)
         new_session = previous.is_null() | ((pl.col(_TS) - previous) >= self._gap)
@@ -637,7 +639,7 @@ class WindowTransform(Transform[WindowConfig]):
             new_session = new_session | (pl.col(key).ne_missing(pl.col(key).shift(1)))
         rows = rows.with_columns(new_session.cum_sum().alias(_WS))
         ends = rows.group_by(_WS).agg((pl.col(_TS).max() + self._gap).alias(_END))
-        rows = rows.join(ends, on=_WS)
+        rows = rows.join(ends, on=_WS, maintain_order="left")
         closed = pl.col(_END) + self._lateness <= watermark
         done, pending = rows.filter(closed), rows.filter(~closed)
         if pending.height:
@@ -646,7 +648,7 @@ class WindowTransform(Transform[WindowConfig]):
             return []
 
         aggs = [agg.expr(name) for name, agg in self.config.aggregations.items()]
-        out = done.group_by([*keys, _WS]).agg(
+        out = done.group_by([*keys, _WS], maintain_order=True).agg(
             [*aggs, pl.col(_TS).min().alias("__start"), pl.col(_END).first()]
         )
         self._remember_closed(out.select([*keys, _END]), watermark)
