@@ -292,8 +292,10 @@ def session_pipeline(
 
 
 def test_record_joining_emitted_session_is_late(tmp_path: Path) -> None:
-    # At 00:45 the watermark passes 00:40, the end of the session 00:00-00:10,
-    # which is emitted. 00:20 and 00:39 would extend it, so they are late.
+    # Records at 00:00 and 00:10 form a session that ends at 00:40 (last
+    # record plus the 30-minute gap). The record at 00:45 moves the watermark
+    # past 00:40, so the session is emitted. Records at 00:20 and 00:39 would
+    # extend it, so they are late.
     minutes = [("a", 0), ("a", 10), ("a", 45), ("a", 20), ("a", 39)]
 
     summary = session_pipeline(minutes, tmp_path).run()

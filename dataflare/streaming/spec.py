@@ -165,9 +165,9 @@ class ExecutionSpec(_Model):
     """Accepted for older files and has no effect, because batches never wait
     for more rows."""
     chaining: bool = True
-    """Run a step on its upstream's thread when both have parallelism 1, it
-    has one input and is the upstream's only consumer; false gives every
-    instance its own thread."""
+    """Whether a step runs on its upstream's thread. This happens when both
+    have parallelism 1, the step has one input and it is the upstream's only
+    consumer. With false, every instance has its own thread."""
     queue_batches: int = Field(default=8, ge=1)
     """Batches that may wait between two steps before the upstream one blocks."""
 
