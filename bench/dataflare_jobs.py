@@ -57,6 +57,7 @@ from dataflare.plugin.interface import (
 from dataflare.plugin.registry import PluginRegistry
 from dataflare.streaming.executor import Executor
 from dataflare.streaming.runner import PipelineRun
+from dataflare.streaming.scheduler import TaskPool
 
 import common
 
@@ -334,7 +335,8 @@ def w5(pipelines: int, seconds: float, start_budget: float = 60) -> dict[str, An
 
     Every pipeline is `generate` (2 records a second) to a counting sink,
     with its own executor and plugin instances. The validated plan is
-    shared because it is plain data.
+    shared because it is plain data. The chains run on one `TaskPool`,
+    as `run_many` runs them.
 
     Args:
         pipelines: Number of pipelines.
@@ -354,6 +356,7 @@ def w5(pipelines: int, seconds: float, start_budget: float = 60) -> dict[str, An
     p.destination("out", "count", [ticks])
     plan = p.build()
     executors: list[Executor] = []
+    pool = TaskPool(name="w5")
     started_at = time.monotonic()
     error = None
     try:
@@ -361,12 +364,17 @@ def w5(pipelines: int, seconds: float, start_budget: float = 60) -> dict[str, An
             if time.monotonic() - started_at > start_budget:
                 error = f"stopped starting pipelines after {start_budget:.0f} s"
                 break
-            executor = Executor(plan)
-            for instance in executor.all_instances():
-                instance.start()
+            executor = Executor(plan, pool=pool)
+            executor.launch()
             executors.append(executor)
     except (RuntimeError, MemoryError) as exc:  # cannot start more threads
         error = f"{type(exc).__name__}: {exc}"
+    # Started means every plugin open and data flowing.
+    while not all(e.started() for e in executors):
+        if time.monotonic() - started_at > start_budget:
+            error = f"not every pipeline had started after {start_budget:.0f} s"
+            break
+        time.sleep(0.05)
     start_seconds = time.monotonic() - started_at
     threads = threading.active_count()
     built = common.rss_bytes()
@@ -378,7 +386,7 @@ def w5(pipelines: int, seconds: float, start_budget: float = 60) -> dict[str, An
         executor.request_stop()
     return {
         "pipelines": pipelines,
-        "started": len(executors),
+        "started": sum(1 for e in executors if e.started()),
         "progressed": sum(1 for c in counts if c > 0),
         "records_out": sum(counts),
         "threads": threads,
@@ -392,7 +400,7 @@ def w5(pipelines: int, seconds: float, start_budget: float = 60) -> dict[str, An
 
 def _sink_records(executor: Executor) -> int:
     return sum(
-        i.plugin.records
+        getattr(i.plugin, "records", 0)  # not counting before it opens
         for i in executor.all_instances()
         if isinstance(i.plugin, CountSink)
     )

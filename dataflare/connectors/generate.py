@@ -55,7 +55,6 @@ import pyarrow.compute as pc
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from dataflare.plugin.interface import (
-    IDLE,
     Idle,
     OperatorContext,
     PluginConfig,
@@ -70,7 +69,6 @@ from dataflare.streaming.spec import Duration
 
 UNLIMITED_BATCH_ROWS = 65536
 _BATCH_SECONDS = 0.01
-_MAX_SLEEP_SECONDS = 0.1
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -368,6 +366,7 @@ class GenerateSource(Source[GenerateSourceConfig]):
         "generate", PluginKind.SOURCE, "Synthetic records at a given rate"
     )
     Config = GenerateSourceConfig
+    cooperative = True
 
     def __init__(self, config: GenerateSourceConfig, context: OperatorContext) -> None:
         super().__init__(config, context)
@@ -452,15 +451,14 @@ class GenerateSource(Source[GenerateSourceConfig]):
             yield SourceBatch(batch, SequentialOrigin("generate", first + 1, "record"))
 
     def _wait_until(self, due: float) -> Iterator[Idle]:
-        """Sleep until `due` (a time.monotonic() value), reporting idleness."""
-        while not self.context.stopping:
-            delay = due - time.monotonic()
-            if delay <= 0:
-                return
-            # IDLE lets the engine take part in checkpoints and see a stop
-            # request while this source waits.
-            yield IDLE
-            time.sleep(min(delay, _MAX_SLEEP_SECONDS))
+        """Yield `Idle(until=due)` until `due`, a time.monotonic() value.
+
+        The source never sleeps: the engine waits between two of these, and
+        meanwhile takes part in checkpoints and sees a stop request. So the
+        source can share a pool thread with other pipelines (`cooperative`).
+        """
+        while not self.context.stopping and time.monotonic() < due:
+            yield Idle(until=due)
 
     def _make_batch(self, first: int, count: int) -> pa.RecordBatch:
         now_us = _now_us()

@@ -207,7 +207,15 @@ class SourceBatch:
 
 @dataclass(frozen=True)
 class Idle:
-    """Yielded by an unbounded source that has no data right now."""
+    """Yielded by an unbounded source that has no data right now.
+
+    `until` is the `time.monotonic()` value at which the source expects its
+    next data, when it knows; the engine then waits until that time (or a
+    stop or checkpoint request) before it asks `read()` for more. With None
+    the source does its own waiting inside `read()`.
+    """
+
+    until: float | None = None
 
 
 IDLE = Idle()
@@ -224,6 +232,13 @@ class Progress:
 
 class Source(Plugin[ConfigT]):
     """Produces record batches. Bounded sources end; unbounded ones run on."""
+
+    #: True when `read()` never blocks: whenever no record is due it yields
+    #: `Idle(until=...)` instead of waiting. The engine can then run the
+    #: source, with the steps chained to it, on a shared `TaskPool` thread
+    #: (`dataflare.streaming.scheduler`), between other pipelines' work.
+    #: Its calls then come from one pool thread or another, never two at once.
+    cooperative: ClassVar[bool] = False
 
     @property
     def bounded(self) -> bool:

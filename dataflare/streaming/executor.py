@@ -67,6 +67,7 @@ from dataflare.streaming.messages import (
 )
 from dataflare.streaming.metrics import LatencyRecorder, StepMetrics
 from dataflare.streaming.plan import PipelinePlan, StepPlan
+from dataflare.streaming.scheduler import TaskPool
 from dataflare.streaming.time import (
     MAX_TIME,
     MIN_TIME,
@@ -78,6 +79,9 @@ logger = logging.getLogger(__name__)
 
 _SETTLE_POLL_SECONDS = 0.01  # while waiting for the final checkpoint
 _SAVEPOINT_RETRY_SECONDS = 0.05  # while a checkpoint is in flight
+_IDLE_WAIT_SECONDS = 0.1  # longest sleep of an idle source's own thread
+_POOL_SLICE_SECONDS = 0.01  # a busy pooled chain lets others run after this
+_POOL_IDLE_WAIT_SECONDS = 1.0  # longest wait of an idle pooled chain unwoken
 
 T = TypeVar("T")
 
@@ -403,6 +407,10 @@ class Chain:
     before its upstream sends anything, and closed from the head on. Under
     `Executor.run`, the chain then waits at the `StartGate` until every
     chain of the run has opened its plugins.
+
+    A chain headed by a cooperative source can run on a `TaskPool` instead
+    of a thread of its own (`pool`): then `run_slice` does the same work in
+    turns, and the pool runs other chains while the source is idle.
     """
 
     def __init__(self, state: RunState, members: list[Instance]) -> None:
@@ -410,14 +418,24 @@ class Chain:
         self.members = members
         self.head = members[0]
         self.gate: StartGate | None = None  # set by `Executor.run`
+        self.pool: TaskPool | None = None  # set by the executor, see `poolable`
         self._pollers: list[Instance] = []
         self._lock = threading.Lock()
         self._started = False
+        self._done = threading.Event()
+        self._phase = "open"  # on a pool: open, gate, work, then done
+        self._opened: list[Instance] = []
         self.thread = threading.Thread(
             target=self.run, name=">".join(m.name for m in members), daemon=True
         )
         for member in members:
             member.chain = self
+
+    @property
+    def poolable(self) -> bool:
+        """Whether the head is a source that never blocks in `read()`."""
+        plugin = self.head.plugin
+        return isinstance(plugin, Source) and type(plugin).cooperative
 
     def add_poller(self, instance: Instance) -> None:
         """Call `instance.poll()` between two messages of the head."""
@@ -428,8 +446,10 @@ class Chain:
             instance.poll()
 
     def wake(self) -> None:
-        """Make the head look at `poll()` work now, if it waits on its inbox."""
-        if self.head.inbox is not None:
+        """Make the head look at `poll()` work and requests now, if it waits."""
+        if self.pool is not None:
+            self.pool.wake(self)
+        elif self.head.inbox is not None:
             self.head.inbox.wake()
 
     def start(self) -> None:
@@ -437,35 +457,86 @@ class Chain:
             if self._started:
                 return
             self._started = True
-        self.thread.start()
+        if self.pool is not None:
+            self.pool.submit(self)
+        else:
+            self.thread.start()
 
     def run(self) -> None:
-        try:
-            self._run()
-        except StepFailure as failure:
-            self._fail(failure.step, failure.error)
-        except BaseException as exc:
-            self._fail(self.head.plan.id, exc)
-
-    def _run(self) -> None:
-        opened: list[Instance] = []
+        """Run the chain to its end on the calling thread."""
         error: BaseException | None = None
         try:
-            try:
-                for member in reversed(self.members):
-                    call_step(member.plan.id, member.open)
-                    opened.append(member)
-            finally:
-                if self.gate is not None:
-                    self.gate.arrive()
+            self._open()
             if self.gate is not None:
                 self.gate.wait_open()
             call_step(self.head.plan.id, self.head.work)
-            for member in self.members:
-                call_step(member.plan.id, member.settle)
+            self._settle()
         except BaseException as exc:
             error = exc
-        for member in reversed(opened):
+        self._end(error)
+
+    def run_slice(self) -> float | None:
+        """Run one turn on a pool thread; see `TaskPool` for the return value."""
+        error: BaseException | None = None
+        try:
+            if self._phase == "open":
+                self._phase = "gate"
+                self._open()
+            if self._phase == "gate":
+                gate = self.gate
+                if gate is not None and not gate.is_open:
+                    gate.when_open(self.wake)
+                    return time.monotonic() + _POOL_IDLE_WAIT_SECONDS
+                head = self.head
+                assert isinstance(head, SourceInstance)
+                self._phase = "work"
+                if not call_step(head.plan.id, head.begin):
+                    self._phase = "done"
+            if self._phase == "work":
+                head = self.head
+                assert isinstance(head, SourceInstance)
+                deadline = time.monotonic() + _POOL_SLICE_SECONDS
+                due = call_step(head.plan.id, head.advance, deadline)
+                if due is not None:
+                    return min(due, time.monotonic() + _POOL_IDLE_WAIT_SECONDS)
+                self._phase = "done"
+        except BaseException as exc:
+            error = exc
+        self._phase = "done"
+        if error is None and self.state.coordinator is not None:
+            # Settling waits for the final checkpoint, which may need other
+            # chains of this pool: wait on a thread of its own.
+            threading.Thread(
+                target=self._settle_and_end, name=self.thread.name, daemon=True
+            ).start()
+        else:
+            self._end(error)
+        return None
+
+    def _open(self) -> None:
+        try:
+            for member in reversed(self.members):
+                call_step(member.plan.id, member.open)
+                self._opened.append(member)
+        finally:
+            if self.gate is not None:
+                self.gate.arrive()
+
+    def _settle(self) -> None:
+        for member in self.members:
+            call_step(member.plan.id, member.settle)
+
+    def _settle_and_end(self) -> None:
+        error: BaseException | None = None
+        try:
+            self._settle()
+        except BaseException as exc:
+            error = exc
+        self._end(error)
+
+    def _end(self, error: BaseException | None) -> None:
+        """Close the opened plugins, then report the first error, if any."""
+        for member in reversed(self._opened):
             try:
                 member.close()
             except Exception as exc:
@@ -475,8 +546,12 @@ class Chain:
                     logger.exception(
                         "step %r: close failed after an error", member.plan.id
                     )
-        if error is not None:
-            raise error
+        self._opened.clear()
+        if isinstance(error, StepFailure):
+            self._fail(error.step, error.error)
+        elif error is not None:
+            self._fail(self.head.plan.id, error)
+        self._done.set()
 
     def _fail(self, step: str, exc: BaseException) -> None:
         if not isinstance(exc, RejectedRecordError):
@@ -485,11 +560,11 @@ class Chain:
         self.state.fail(step, exc)
 
     def is_alive(self) -> bool:
-        return self.thread.is_alive()
+        return self._started and not self._done.is_set()
 
     def join(self, timeout: float | None = None) -> None:
         if self._started:
-            self.thread.join(timeout)
+            self._done.wait(timeout)
 
 
 class StartGate:
@@ -498,36 +573,51 @@ class StartGate:
     Set-up ends when every plugin is open, and only then does data flow.
     """
 
-    def __init__(self, chains: int) -> None:
+    def __init__(
+        self, chains: int, on_all_arrived: Callable[[], None] | None = None
+    ) -> None:
         self._waiting = chains
         self._open = False
         self._condition = threading.Condition()
+        self._callbacks: list[Callable[[], None]] = []
+        self._on_all_arrived = on_all_arrived
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
 
     def arrive(self) -> None:
-        """Count one chain as opened (or failed to open)."""
+        """Count one chain as opened (or failed to open).
+
+        The last one calls `on_all_arrived`, on its own thread.
+        """
         with self._condition:
             self._waiting -= 1
             self._condition.notify_all()
-
-    def wait_arrived(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for every chain to arrive.
-
-        Returns:
-            Whether every chain has arrived.
-        """
-        with self._condition:
-            self._condition.wait_for(lambda: self._waiting <= 0, timeout)
-            return self._waiting <= 0
+            last = self._waiting == 0
+        if last and self._on_all_arrived is not None:
+            self._on_all_arrived()
 
     def wait_open(self) -> None:
         with self._condition:
             self._condition.wait_for(lambda: self._open)
+
+    def when_open(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the gate opens (at once if it is open)."""
+        with self._condition:
+            if not self._open:
+                self._callbacks.append(callback)
+                return
+        callback()
 
     def open(self) -> None:
         """Let every chain go on."""
         with self._condition:
             self._open = True
             self._condition.notify_all()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
 
 
 class SourceInstance(Instance):
@@ -553,63 +643,96 @@ class SourceInstance(Instance):
             source.restore_position(self.position["source"])
 
     def work(self) -> None:
+        if not self.begin():
+            return
+        while (due := self.advance()) is not None:
+            delay = due - time.monotonic()
+            if delay > 0:
+                # Wake up often enough to see checkpoint and stop requests.
+                time.sleep(min(delay, _IDLE_WAIT_SECONDS))
+
+    def begin(self) -> bool:
+        """Get ready to read; return False when there is nothing to read."""
         source = self.plugin
         assert isinstance(source, Source)
         if getattr(self, "finished_before", False):
             # Finished before the checkpoint: everything it read is downstream.
             self._end()
-            return
+            return False
         execution = self.state.plan.spec.execution
-        extractor = None
+        self.extractor = None
         self.generator = None
         if self.plan.event_time is not None:
-            extractor = EventTimeExtractor(self.plan.event_time, source.schema())
+            self.extractor = EventTimeExtractor(self.plan.event_time, source.schema())
             self.generator = WatermarkGenerator(self.plan.watermark)
             self._restore_watermark()
         self.sorted_rows = 0
         self.last_checkpoint = 0
         idle_after = self.plan.watermark.idle_timeout
-        idle_seconds = idle_after.total_seconds() if idle_after is not None else None
-        last_data = time.monotonic()
-        idle = False
-        assert self.chain is not None
-        poll_chain = self.chain.poll
-
+        self.idle_seconds = (
+            idle_after.total_seconds() if idle_after is not None else None
+        )
+        self.last_data = time.monotonic()
+        self.idle = False
         items: Iterable[SourceBatch | Idle] = source.read()
         if self.plan.replay.sort_by_event_time:
-            assert extractor is not None
+            assert self.extractor is not None
             skip = int(getattr(self, "position", {}).get("sorted_rows", 0))
-            items = self._sorted(items, extractor, execution.max_batch_rows, skip)
-            extractor = None
-        for item in items:
-            if self.state.abort.is_set():
-                return
+            items = self._sorted(items, self.extractor, execution.max_batch_rows, skip)
+            self.extractor = None
+        self.items = iter(items)
+        return True
+
+    def advance(self, deadline: float | None = None) -> float | None:
+        """Hand on what the source reads, until it is idle or `deadline` passes.
+
+        Returns:
+            The `time.monotonic()` value at which to call again: when the
+            source said its next data is due (`Idle.until`), or now when
+            the deadline passed. None once the source has ended, suspended
+            for a checkpoint, or the run aborted.
+        """
+        assert self.chain is not None
+        poll_chain = self.chain.poll
+        extractor = self.extractor
+        abort = self.state.abort
+        stop = self.state.stop
+        for item in self.items:
+            if abort.is_set():
+                return None
             now = time.monotonic()
+            due = None
             if isinstance(item, Idle):
                 if (
-                    idle_seconds is not None
-                    and not idle
-                    and now - last_data >= idle_seconds
+                    self.idle_seconds is not None
+                    and not self.idle
+                    and now - self.last_data >= self.idle_seconds
                 ):
-                    idle = True
+                    self.idle = True
                     self.outlet.send_idle(True)
+                due = item.until
             else:
-                if idle:
-                    idle = False
+                if self.idle:
+                    self.idle = False
                     self.outlet.send_idle(False)
-                last_data = now
+                self.last_data = now
                 self._handle(item, extractor)
             poll_chain()
             if self._checkpoint_if_pending():
                 self._suspend()
-                return
-            if self.state.stop.is_set():
+                return None
+            if stop.is_set():
                 break
+            if due is not None and due > now:
+                return due
+            if deadline is not None and now >= deadline:
+                return now
         if self._checkpoint_if_pending():
             self._suspend()
-            return
-        if not self.state.abort.is_set():
+            return None
+        if not abort.is_set():
             self._end()
+        return None
 
     def _handle(self, item: SourceBatch, extractor: EventTimeExtractor | None) -> None:
         if extractor is not None or not self.plan.replay.sort_by_event_time:
@@ -1139,6 +1262,7 @@ class Executor:
         resume_from: str | None = None,
         from_scratch: bool = False,
         chaining: bool | None = None,
+        pool: TaskPool | None = None,
     ) -> None:
         """Build every instance and its plugin, and wire them together.
 
@@ -1150,6 +1274,9 @@ class Executor:
             chaining: Run chainable steps on their upstream's thread
                 (`PipelinePlan.chains`); unset takes `execution.chaining`
                 from the pipeline, which is on by default.
+            pool: Run the chains headed by a cooperative source on this
+                shared pool instead of threads of their own; for processes
+                that host many pipelines.
         """
         self.plan = plan
         self.chaining = chaining_setting(plan) if chaining is None else chaining
@@ -1169,7 +1296,15 @@ class Executor:
             instance.build_plugin()
         if self.state.coordinator is not None:
             self._check_checkpointable()
+        self._gate: StartGate | None = None
+        self._tuned = False
+        self._finished = False
         self.chains = self._group_chains()
+        self.pooled = [c for c in self.chains if pool is not None and c.poolable]
+        for chain in self.pooled:
+            chain.pool = pool
+        if self.pooled:
+            self.state.abort.on_set.append(self._wake_pooled)
         self._wire()
 
     def _set_up_checkpoints(self, resume_from: str | None, from_scratch: bool) -> None:
@@ -1324,48 +1459,91 @@ class Executor:
     def run(
         self, on_tick: Callable[[], None] | None = None, tick_seconds: float = 0.25
     ) -> None:
+        """Run to the end; call `on_tick` every `tick_seconds` meanwhile.
+
+        Raises:
+            PipelineRunError: a step failed; the run was aborted.
+        """
+        try:
+            self.launch()
+            while not self.wait(tick_seconds):
+                if on_tick is not None:
+                    on_tick()
+        finally:
+            self.finish()
+        self.raise_error()
+
+    def launch(self) -> None:
+        """Start the run and return at once; `wait` and `finish` follow.
+
+        Every chain opens its plugins, and data flows once all have: the
+        last chain to arrive at the start gate opens it.
+        """
         logger.info(
-            "pipeline %r starting: %d steps, %d instances on %d threads (chaining %s)",
+            "pipeline %r starting: %d steps, %d instances on %d threads "
+            "and %d pool tasks (chaining %s)",
             self.plan.spec.id,
             len(self.plan.steps),
             len(self.all_instances()),
-            len(self.chains),
+            len(self.chains) - len(self.pooled),
+            len(self.pooled),
             "on" if self.chaining else "off",
         )
-        gate = StartGate(len(self.chains))
+        gate = StartGate(len(self.chains), on_all_arrived=self._all_opened)
+        self._gate = gate
         self.state.abort.on_set.append(gate.open)
         for chain in self.chains:
             chain.gate = gate
-        threaded = len(self.chains) > 1
-        tuned = False
-        try:
-            self.start()
-            while not gate.wait_arrived(tick_seconds):
-                if on_tick is not None:
-                    on_tick()
-            PROCESS_TUNING.enter(threaded=threaded)
-            tuned = True
-            gate.open()
-            if self.state.coordinator is not None:
-                trigger = threading.Thread(
-                    target=self._trigger_checkpoints, name="checkpoints", daemon=True
-                )
-                trigger.start()
-            for chain in self.chains:
-                while chain.is_alive():
-                    chain.join(timeout=tick_seconds)
-                    if on_tick is not None:
-                        on_tick()
-        finally:
-            if self.state.errors:
-                self.state.abort.set()
-            for chain in self.chains:
-                chain.join(timeout=5)
-            self._trigger_wake.set()  # the trigger thread leaves
-            gate.open()  # if the run failed early, chains at the gate leave
-            self.state.dead_letter.close()
-            if tuned:
-                PROCESS_TUNING.leave(threaded=threaded)
+        self.start()
+
+    def _all_opened(self) -> None:
+        """Tune the process, start the checkpoint trigger, let data flow."""
+        PROCESS_TUNING.enter(threaded=self._threaded)
+        self._tuned = True
+        if self.state.coordinator is not None:
+            trigger = threading.Thread(
+                target=self._trigger_checkpoints, name="checkpoints", daemon=True
+            )
+            trigger.start()
+        assert self._gate is not None
+        self._gate.open()
+
+    def started(self) -> bool:
+        """Whether every plugin is open and data flows (see `launch`)."""
+        return self._gate is not None and self._gate.is_open
+
+    @property
+    def _threaded(self) -> bool:
+        return len(self.chains) > 1
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to `timeout` seconds for every chain to end; True if all have."""
+        for chain in self.chains:
+            if chain.is_alive():
+                chain.join(timeout)
+                if chain.is_alive():
+                    return False
+        return True
+
+    def finish(self) -> None:
+        """Clean up after the run ended or failed; `run` calls it."""
+        if self._finished:
+            return
+        self._finished = True
+        if self.state.errors:
+            self.state.abort.set()
+        for chain in self.chains:
+            chain.join(timeout=5)
+        self._trigger_wake.set()  # the trigger thread leaves
+        if self._gate is not None:
+            self._gate.open()  # if the run failed early, chains at the gate leave
+        self.state.dead_letter.close()
+        if self._tuned:
+            self._tuned = False
+            PROCESS_TUNING.leave(threaded=self._threaded)
+
+    def raise_error(self) -> None:
+        """Raise the first step failure as a `PipelineRunError`, if any."""
         if self.state.errors:
             step, exc = self.state.errors[0]
             if isinstance(exc, PipelineRunError):
@@ -1403,9 +1581,11 @@ class Executor:
                 if coordinator.trigger(savepoint=location) is None:
                     self.savepoint_requests.put(location)  # busy: try again
                     retry_savepoint = True
+                self._wake_pooled()
                 continue
             if time.monotonic() >= next_at:
                 coordinator.trigger()
+                self._wake_pooled()
                 next_at = time.monotonic() + interval
 
     def request_stop(self) -> None:
@@ -1418,8 +1598,14 @@ class Executor:
         ):
             coordinator.trigger(stop_after=True)
             self.state.suspending = True
-            return
-        self.state.stop.set()
+        else:
+            self.state.stop.set()
+        self._wake_pooled()
+
+    def _wake_pooled(self) -> None:
+        """Make the pooled chains see a request now instead of when next due."""
+        for chain in self.pooled:
+            chain.wake()
 
     def request_savepoint(self, location: str) -> None:
         """Take a savepoint into `location` as soon as no checkpoint is in flight."""

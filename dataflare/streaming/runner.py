@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ from dataflare.streaming.errors import PipelineRunError
 from dataflare.streaming.executor import Executor
 from dataflare.streaming.metrics import RunSummary, StepSummary
 from dataflare.streaming.plan import PipelinePlan
+from dataflare.streaming.scheduler import TaskPool
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,15 @@ class PipelineRun:
         resume_from: str | None = None,
         from_scratch: bool = False,
         chaining: bool | None = None,
+        pool: TaskPool | None = None,
     ) -> None:
         self.plan = plan
         self.executor = Executor(
-            plan, resume_from=resume_from, from_scratch=from_scratch, chaining=chaining
+            plan,
+            resume_from=resume_from,
+            from_scratch=from_scratch,
+            chaining=chaining,
+            pool=pool,
         )
         self._started = 0.0
 
@@ -115,6 +121,28 @@ class PipelineRun:
             unit,
             bounded,
         )
+
+    def start(self) -> None:
+        """Start the run and return at once; `wait` gives its summary."""
+        self._started = time.monotonic()
+        self.executor.launch()
+
+    def wait(self, timeout: float | None = None) -> RunSummary | None:
+        """Wait up to `timeout` seconds for a started run to end.
+
+        Returns:
+            The summary once the run has ended, None while it goes on. A
+            failed run returns a summary with status "failed" and the
+            error, instead of raising.
+        """
+        if not self.executor.wait(timeout):
+            return None
+        self.executor.finish()
+        try:
+            self.executor.raise_error()
+        except PipelineRunError as exc:
+            return self.summary(exc)
+        return self.summary()
 
     def run(
         self,
@@ -207,6 +235,29 @@ class PipelineRun:
             error=str(error) if error else None,
             tables=tables,
         )
+
+
+def run_many(
+    plans: Sequence[PipelinePlan], *, pool: TaskPool | None = None
+) -> list[RunSummary]:
+    """Run many pipelines at once in this process; return their summaries.
+
+    Chains headed by a cooperative source (`generate`, for example) share
+    the threads of `pool` (a new `TaskPool` when unset) instead of having
+    a thread each, so thousands of small pipelines fit in one process. A
+    failed pipeline does not stop the others: its summary has status
+    "failed" and the error.
+    """
+    pool = pool if pool is not None else TaskPool(name="pipelines")
+    runs = [PipelineRun(plan, pool=pool) for plan in plans]
+    for run in runs:
+        run.start()
+    summaries = []
+    for run in runs:
+        summary = run.wait()
+        assert summary is not None
+        summaries.append(summary)
+    return summaries
 
 
 def _progress_of(source: Source) -> Progress | None:  # type: ignore[type-arg]
