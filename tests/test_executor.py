@@ -478,3 +478,32 @@ def test_stop_ends_unbounded_run(
     [summary] = result
     assert summary.status == "stopped"
     assert summary.output("out").column("id").to_pylist() == [1, 2, 3]
+
+
+def test_records_read_counts_rejected_records_once(tmp_path: Path) -> None:
+    """Parser rejections and event-time rejections both count as read, once."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        '{"a": 1, "at": "2026-01-01T00:00:00Z"}\n'
+        '{"a": "x", "at": "2026-01-01T00:00:01Z"}\n'  # parser: not an int
+        "not json\n"  # parser: not JSON
+        '{"a": 4, "at": "yesterday"}\n'  # engine: event time does not parse
+        '{"a": 5, "at": "2026-01-01T00:00:04Z"}\n'
+    )
+    p = api.Pipeline("read-count")
+    rows = p.source(
+        "rows",
+        "jsonl",
+        event_time={"field": "at"},
+        path=str(source),
+        schema={"a": "int", "at": "string"},
+    )
+    p.destination("out", "memory", [rows])
+    p.errors(dead_letter={"path": str(tmp_path / "dead.jsonl")})
+
+    summary = p.run()
+
+    assert summary.output("out").column("a").to_pylist() == [1, 5]
+    assert summary.rejected == 3
+    assert summary.records_read == 5
+    assert summary.records_written == 2

@@ -159,6 +159,16 @@ class StepContext:
         return self._state.stop.is_set()
 
     def reject(self, records: Any, reasons: Any, positions: Any = None) -> None:
+        # A source's plugin rejects records it read but never emits, so they
+        # count as read here; the engine's own rejections were counted.
+        self.reject_records(
+            records, reasons, positions, read=self._plan.section == "sources"
+        )
+
+    def reject_records(
+        self, records: Any, reasons: Any, positions: Any = None, *, read: bool
+    ) -> None:
+        """Send records to the dead-letter output; `read` adds them to records_in."""
         count = (
             len(records)
             if not isinstance(records, pa.RecordBatch)
@@ -177,6 +187,8 @@ class StepContext:
             )
         self._state.dead_letter.write(self.step, records, reasons, positions)
         self.metrics.count("rejected", count)
+        if read:
+            self.metrics.records_in += count
 
     def emit_side(self, port: str, batch: pa.RecordBatch) -> None:
         outlet = self.side_outlets.get(port)
@@ -869,7 +881,9 @@ class SourceInstance(Instance):
                 if item.origin is not None
                 else None
             )
-            self.context.reject(batch.take(rows), extracted.reasons, positions)
+            self.context.reject_records(
+                batch.take(rows), extracted.reasons, positions, read=False
+            )
             keep = np.ones(batch.num_rows, dtype=bool)
             keep[extracted.bad_rows] = False
             return extracted.batch.filter(pa.array(keep))
