@@ -25,6 +25,7 @@ import aio_pika
 import orjson
 import pyarrow as pa
 import pytest
+from aiormq.exceptions import ChannelInvalidStateError
 from conftest import RecordingContext
 
 from dataflare import api
@@ -394,6 +395,35 @@ def test_acknowledges_after_emitting_without_checkpoints(
     plugin = source(queue)
     plugin.open()
     try:
+        items = plugin.read()
+        assert len(read_rows(items, 5)) == 5
+        next(items)  # the engine requests the next item: the batch was emitted
+    finally:
+        plugin.close()
+    assert ready_count(queue) == 0
+
+
+class MessageOfClosedChannel:
+    """A message acknowledged before its channel closed with the connection."""
+
+    delivery_tag = 10**6
+
+    @property
+    def channel(self) -> object:
+        raise ChannelInvalidStateError
+
+
+def test_acknowledges_after_the_channel_of_the_last_ack_closed(
+    queues: Callable[[], str],
+) -> None:
+    queue = queues()
+    publish_raw(queue, [orjson.dumps({"id": i}) for i in range(5)])
+    plugin = source(queue)
+    plugin.open()
+    try:
+        # As after a broker restart: the last acknowledged message belongs to
+        # the old, closed channel, and new messages arrive on a new one.
+        plugin._last_acked = MessageOfClosedChannel()  # type: ignore[assignment]
         items = plugin.read()
         assert len(read_rows(items, 5)) == 5
         next(items)  # the engine requests the next item: the batch was emitted

@@ -390,12 +390,17 @@ class RabbitMQSource(Source[RabbitMQSourceConfig]):
     def _acknowledge(self, message: AbstractIncomingMessage) -> None:
         """Acknowledge `message` and every message delivered before it."""
         last = self._last_acked
-        if last is message or (
-            last is not None
-            and last.channel is message.channel
-            and (last.delivery_tag or 0) >= (message.delivery_tag or 0)
-        ):
+        if last is message:
             return
+        if last is not None:
+            try:
+                same_channel = last.channel is message.channel
+            except CONNECTION_ERRORS:
+                # `last` came on a channel that has closed since (the broker
+                # restarted), so its delivery tags say nothing about `message`.
+                same_channel = False
+            if same_channel and (last.delivery_tag or 0) >= (message.delivery_tag or 0):
+                return
         if self._io is None or self._lost is not None:
             return  # the broker delivers the messages again after reconnecting
         try:
