@@ -117,13 +117,20 @@ def closing() -> Iterator[list[psycopg.Connection[Any]]]:
 
 
 @pytest.fixture
-def logical(pg: psycopg.Connection[Any]) -> None:
-    """Make sure the server can decode its WAL (wal_level = logical)."""
-    row = pg.execute("SHOW wal_level").fetchone()
-    if row is not None and row[0] == "logical":
-        return
-    logging.getLogger(__name__).warning("setting wal_level = logical and restarting")
-    pg.execute("ALTER SYSTEM SET wal_level = logical")
+def logical(server: None) -> None:
+    """Make sure the server can decode its WAL (wal_level = logical).
+
+    The restart this may need ends every open connection, so tests list
+    this fixture before `pg`, which pytest then opens after it.
+    """
+    with connect() as conn:
+        row = conn.execute("SHOW wal_level").fetchone()
+        if row is not None and row[0] == "logical":
+            return
+        logging.getLogger(__name__).warning(
+            "setting wal_level = logical and restarting"
+        )
+        conn.execute("ALTER SYSTEM SET wal_level = logical")
     pg_ctl("restart")
     wait_for_server()
 
@@ -555,7 +562,7 @@ def modify(pg: psycopg.Connection[Any], name: str, start: int) -> None:
 
 
 def test_cdc_target_matches_source(
-    pg: psycopg.Connection[Any], name: str, cleanup: list[str], logical: None
+    logical: None, pg: psycopg.Connection[Any], name: str, cleanup: list[str]
 ) -> None:
     slot = cdc_tables(pg, name, cleanup)
     running = Background(cdc_pipeline(name, slot))
@@ -579,10 +586,10 @@ def restart_server() -> None:
 
 
 def test_cdc_survives_server_restart(
+    logical: None,
     pg: psycopg.Connection[Any],
     name: str,
     cleanup: list[str],
-    logical: None,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     closing: list[psycopg.Connection[Any]],
