@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install bytecode clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# An editable install leaves the modules uncompiled, and with
+# PYTHONDONTWRITEBYTECODE set every run would compile them again.
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q dataflare
+
+demo: $(STAMP) bytecode
 	$(BIN)/python -m dataflare.examples.nycflights13 data/nycflights13
 	$(BIN)/dataflare plugin build examples/plugins/delay_filter
 	$(BIN)/dataflare run examples/flights-delays.yaml

@@ -637,6 +637,11 @@ def main() -> None:
         args.quick = saved["settings"]["quick"]  # same inputs as the saved run
     s = settings(args)
     s.work.mkdir(parents=True, exist_ok=True)
+    # A wheel's install compiles the modules; an editable one leaves that to
+    # each run, every time when PYTHONDONTWRITEBYTECODE is set.
+    subprocess.run(
+        [str(PYTHON), "-m", "compileall", "-q", str(ROOT / "dataflare")], check=True
+    )
     if not PEER_PYTHON.exists():
         print(
             "bench/.peers-venv is missing: run `bash bench/setup_peers.sh`; "

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -326,6 +325,8 @@ class Outlet:
 def _partition(
     batch: pa.RecordBatch, key: list[str], width: int
 ) -> Iterable[tuple[int, pa.RecordBatch]]:
+    import polars as pl  # only for keyed exchanges; most runs never load it
+
     df = pl.from_arrow(batch.select(key))
     assert isinstance(df, pl.DataFrame)
     hashes = df.hash_rows(seed=0x5EED).to_numpy()
