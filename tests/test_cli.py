@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from dataflare.cli.logs import ENGINE_LOGGER, HeldEngineErrors
 from dataflare.cli.main import cli
 
 GOOD = """
@@ -137,6 +140,86 @@ def test_run_fail_fast_exits_1(pipeline: Path) -> None:
     assert code == 1
     assert "notanumber" in err
     assert "record 4" in err
+
+
+def failing_pipeline(tmp_path: Path) -> tuple[Path, str]:
+    """Write a pipeline whose destination fails, and return it with its error."""
+    data = tmp_path / "people.csv"
+    data.write_text("name,age\nana,34\n")
+    existing_dir = tmp_path / "existing"
+    existing_dir.mkdir()
+    path = tmp_path / "fails.yaml"
+    path.write_text(
+        GOOD.format(data=data, out=existing_dir, dead=tmp_path / "dead.jsonl").replace(
+            "type: parquet", "type: csv"
+        )
+    )
+    error = (
+        f"step 'out' failed: output path {existing_dir} is a directory; name a "
+        "file, or set roll_bytes or roll_interval to write part files into it"
+    )
+    return path, error
+
+
+def test_failed_run_prints_error_once(tmp_path: Path) -> None:
+    path, error = failing_pipeline(tmp_path)
+
+    code, _, err = invoke("run", str(path), "--no-progress")
+
+    assert code == 1
+    assert err.count(error) == 1
+    assert err.splitlines()[-1] == f"failed: {error}"
+
+
+def test_failed_run_keeps_error_in_json_log(tmp_path: Path) -> None:
+    path, error = failing_pipeline(tmp_path)
+
+    code, _, err = invoke("--log-format", "json", "run", str(path), "--no-progress")
+
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert code == 1
+    assert [(r["level"], r["message"]) for r in records] == [("error", error)]
+    assert err.splitlines()[-1] == f"failed: {error}"
+
+
+def test_fail_fast_prints_error_once(pipeline: Path) -> None:
+    code, _, err = invoke("run", str(pipeline), "--fail-fast", "--no-progress")
+
+    assert code == 1
+    assert err.count("value 'notanumber' is not a valid integer") == 1
+    assert err.splitlines()[-1].startswith("failed: step 'people' rejected a record")
+
+
+@pytest.fixture
+def text_log() -> Iterator[io.StringIO]:
+    """Add a text handler to the `dataflare` logger, as the command does."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("dataflare")
+    root.addHandler(handler)
+    yield stream
+    root.removeHandler(handler)
+
+
+# The run's error is the engine's message, or only the step's error when the
+# step raised a PipelineRunError.
+@pytest.mark.parametrize("shown", ["step 'a' failed: disk full", "disk full"])
+def test_held_engine_errors_release_only_others(
+    text_log: io.StringIO, shown: str
+) -> None:
+    engine = logging.getLogger(ENGINE_LOGGER)
+
+    with HeldEngineErrors() as held:
+        engine.error("step %r failed: %s", "a", "disk full")
+        engine.error("step %r failed: %s", "b", "timed out")
+        engine.warning("not held")
+        during = text_log.getvalue()
+    held.release(shown)
+    after = text_log.getvalue()[len(during) :]
+
+    assert during == f"WARNING {ENGINE_LOGGER}: not held\n"
+    assert after == f"ERROR {ENGINE_LOGGER}: step 'b' failed: timed out\n"
 
 
 def test_validate_catches_type_mismatch(tmp_path: Path) -> None:

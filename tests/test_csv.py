@@ -311,8 +311,9 @@ def test_bad_records_rejected_with_positions(tmp_path: Path) -> None:
     assert reasons[2] == "expected 3 fields, found 2"
     assert reasons[3] == "expected 3 fields, found 4"
     records = [record for record, _, _ in context.rejected]
-    assert records[0]["id"] == 2
-    assert records[0]["amount"] == "twenty"
+    # Every field of a record with a bad value is its text in the file.
+    assert records[0] == {"id": "2", "amount": "twenty", "when": "2013-01-02"}
+    assert records[1] == {"id": "3", "amount": "30", "when": "multi\nline"}
     assert records[2] == "4,40"
 
 
@@ -369,6 +370,29 @@ def test_every_bad_field_in_reason(tmp_path: Path) -> None:
         f"{path} record 1 (line 2)",
         f"{path} record 2 (line 3)",
     ]
+
+
+def test_rejected_record_keeps_file_text(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    lines = [
+        "id,amount,ok,note,n",
+        "12345678901234567890,1e2,yes,NA,bad",
+        "1,2.5,no,,3",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    schema = {"id": "float", "amount": "float", "ok": "bool", "note": "string"}
+    schema |= {"n": "int", "missing": "string"}
+
+    table, context, _ = read_all(path, schema=schema)
+
+    assert table.column("id").to_pylist() == [1.0]
+    [(record, reason, position)] = context.rejected
+    assert reason == "field 'n': value 'bad' is not a valid integer"
+    assert position == f"{path} record 1 (line 2)"
+    # The text of each field as written, the null text `NA` included, and
+    # null for the schema field that the file lacks.
+    expected = dict(zip(lines[0].split(","), lines[1].split(","), strict=True))
+    assert record == expected | {"missing": None}
 
 
 UNCLOSED_LINES = [
@@ -649,6 +673,65 @@ def test_follow_restarts_truncated_file(tmp_path: Path) -> None:
     context.stopping = True
     list(reader)
     source.close()
+
+
+@pytest.mark.parametrize(
+    ("complete", "partial", "problem"),
+    [
+        (b"id,name\n1,x\n", b"2,y", "the last line (line 3) has no newline"),
+        (
+            b"id,name\n1,x\n",
+            b'2,"y\nz',
+            "the record starting at line 3 has a quoted field that is not closed",
+        ),
+    ],
+)
+def test_follow_warns_of_unfinished_record(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    complete: bytes,
+    partial: bytes,
+    problem: str,
+) -> None:
+    path = tmp_path / "live.csv"
+    path.write_bytes(complete + partial)
+    context = RecordingContext("live")
+    source = make_source(path, context, follow=True, poll_interval=0.001)
+    reader = source.read()
+    first = next(reader)
+    assert isinstance(first, SourceBatch)
+    assert first.batch.to_pylist() == [{"id": 1, "name": "x"}]
+    assert next(reader) is IDLE
+    context.stopping = True
+    assert list(reader) == []
+
+    with caplog.at_level(logging.WARNING, logger="dataflare.connectors.files.csv"):
+        source.close()
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"step 'live': {path}: {problem}, so its {len(partial)} bytes from byte "
+        f"offset {len(complete)} were not read; a run that resumes from a "
+        "checkpoint reads them once the record is complete"
+    ]
+
+
+def test_follow_close_without_unfinished_record_is_quiet(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "live.csv"
+    path.write_bytes(b"id,name\n1,x\n\n")
+    context = RecordingContext("live")
+    source = make_source(path, context, follow=True, poll_interval=0.001)
+    reader = source.read()
+    assert isinstance(next(reader), SourceBatch)
+    context.stopping = True
+    list(reader)
+
+    with caplog.at_level(logging.WARNING, logger="dataflare.connectors.files.csv"):
+        source.close()
+
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
 
 
 def test_missing_path_without_follow(tmp_path: Path) -> None:

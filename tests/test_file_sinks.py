@@ -21,7 +21,7 @@ from conftest import RecordingContext
 from dataflare import api
 from dataflare.connectors.files.csv import CsvSink, CsvSinkConfig
 from dataflare.connectors.files.parquet import ParquetSink, ParquetSinkConfig
-from dataflare.streaming.errors import PipelineRunError
+from dataflare.streaming.errors import PipelineRunError, PipelineValidationError
 from dataflare.streaming.runner import PipelineRun
 
 SCHEMA = pa.schema([("id", pa.int64()), ("name", pa.string()), ("score", pa.float64())])
@@ -151,6 +151,56 @@ def test_roll_by_interval(tmp_path: Path) -> None:
     parts = sorted(directory.iterdir())
     assert len(parts) == 3
     assert [pd.read_csv(p)["id"].tolist() for p in parts] == [[0, 1], [2, 3], [4, 5]]
+
+
+ROLL_INTERVAL_ERROR = (
+    "roll_interval must be longer than zero; set the age at which a new part file "
+    "starts, for example 1h or 30s, or remove roll_interval to write one file"
+)
+ROLL_BYTES_ERROR = (
+    "roll_bytes must be a positive number of bytes; set the size at which a new "
+    "part file starts, for example 100000000 for about 100 MB, or remove "
+    "roll_bytes to write one file"
+)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"roll_interval": "0s"}, ROLL_INTERVAL_ERROR),
+        ({"roll_interval": 0}, ROLL_INTERVAL_ERROR),
+        ({"roll_interval": "0.0ms"}, ROLL_INTERVAL_ERROR),
+        ({"roll_interval": "-1s"}, ROLL_INTERVAL_ERROR),
+        ({"roll_interval": " -5m"}, ROLL_INTERVAL_ERROR),
+        ({"roll_interval": -2.5}, ROLL_INTERVAL_ERROR),
+        ({"roll_bytes": 0}, ROLL_BYTES_ERROR),
+        ({"roll_bytes": -5}, ROLL_BYTES_ERROR),
+    ],
+)
+def test_roll_limits_must_be_positive(
+    tmp_path: Path, setting: dict[str, Any], message: str
+) -> None:
+    pipeline = api.Pipeline("rolls")
+    source = pipeline.source("src", "memory", records=[{"id": 1}])
+    pipeline.destination("out", "csv", [source], path=str(tmp_path), **setting)
+
+    with pytest.raises(PipelineValidationError) as caught:
+        pipeline.build()
+
+    [issue] = caught.value.issues
+    [key] = setting
+    assert issue.path == ("destinations", "out", "config", key)
+    assert issue.message == message
+
+
+def test_smallest_positive_roll_limits_accepted() -> None:
+    config = CsvSinkConfig.model_validate(
+        {"path": "out", "roll_interval": "1us", "roll_bytes": 1}
+    )
+
+    assert config.roll_interval is not None
+    assert config.roll_interval.total_seconds() == 1e-6
+    assert config.roll_bytes == 1
 
 
 def test_rolling_with_no_records_writes_one_empty_part(tmp_path: Path) -> None:

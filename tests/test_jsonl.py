@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from conftest import RecordingContext
 from pydantic import ValidationError
 
+import dataflare.connectors.files.jsonl as jsonl_module
 from dataflare import Pipeline
 from dataflare.connectors.files.jsonl import (
     JsonLinesSink,
@@ -729,6 +731,80 @@ def test_reasons_show_json_text(tmp_path: Path, context: RecordingContext) -> No
     ]
 
 
+NUMBER_TEXTS = [
+    "1E2",
+    "1e400",
+    "-0",
+    "0.1000000000000000000001",
+    "12345678901234567890123",
+    "-1.5e-7",
+    "NaN",
+]
+
+
+def test_string_field_keeps_number_text(
+    tmp_path: Path, context: RecordingContext
+) -> None:
+    values = [*NUMBER_TEXTS, "[1E2, -0]", '{"a": 1.50}', "true"]
+    path = tmp_path / "text.jsonl"
+    path.write_text("".join(f'{{"id": {i}, "s": {v}}}\n' for i, v in enumerate(values)))
+    source = make_source(context, path, schema={"id": "int", "s": "string"})
+
+    table, _ = read_all(source)
+
+    assert table.column("id").to_pylist() == list(range(len(values)))
+    # Numbers keep their text; arrays and objects are compact JSON.
+    expected = [*NUMBER_TEXTS, "[1E2,-0]", '{"a":1.50}', "true"]
+    assert table.column("s").to_pylist() == expected
+    assert context.rejected == []
+
+
+def test_every_bad_field_in_reason(tmp_path: Path, context: RecordingContext) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(
+        b'{"id": "x", "ok": true, "at": "soon", "n": 1.5}\n'
+        b'{"id": 2, "ok": false, "at": "2024-01-01T00:00:00Z", "n": 3}\n'
+    )
+    schema = {"id": "int", "ok": "bool", "at": "timestamp", "n": "int"}
+    source = make_source(context, path, schema=schema)
+
+    table, _ = read_all(source)
+
+    assert table.column("id").to_pylist() == [2]
+    assert context.rejected == [
+        (
+            {"id": "x", "ok": True, "at": "soon", "n": 1.5},
+            "field 'id': value \"x\" is not a valid integer; "
+            "field 'at': value \"soon\" is not a valid timestamp (ISO 8601); "
+            "field 'n': value 1.5 is not a valid integer",
+            f"{path} line 1",
+        )
+    ]
+
+
+def test_dead_letter_keeps_numbers_as_written(tmp_path: Path) -> None:
+    rejected = (
+        b'{"id": 123456789012345678901234567890, "low": -12345678901234567890, '
+        b'"x": 1E2, "y": 1e400, "z": 0.1000000000000000000001, '
+        b'"nested": [1.50, {"w": -0}]}'
+    )
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b'{"id": 1}\n' + rejected + b"\n")
+    dead_letter = tmp_path / "dl.jsonl"
+    p = Pipeline("jsonl-exact-numbers")
+    events = p.source("events", "jsonl", path=str(path), schema={"id": "int"})
+    p.destination("out", "memory", [events])
+    p.errors(policy="dead_letter", dead_letter={"path": str(dead_letter)})
+
+    summary = p.run()
+
+    assert summary.output("out").column("id").to_pylist() == [1]
+    [entry] = dead_letter.read_bytes().splitlines()
+    # The record is the line as written, without the spaces between tokens.
+    assert b'"record":' + rejected.replace(b" ", b"") + b"," in entry
+    assert json.loads(entry)["record"]["id"] == 123456789012345678901234567890
+
+
 INT64_RANGE = "(-9223372036854775808 to 9223372036854775807)"
 
 
@@ -975,3 +1051,35 @@ def test_small_and_large_batches_encode_alike() -> None:
             }
         )
     assert [orjson.loads(line) for line in whole.splitlines()] == expected
+
+
+def test_large_batches_use_orjson_until_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    count = 100
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "id": pa.array(range(count), pa.int64()),
+            "name": [f"n{i} é" if i % 4 else None for i in range(count)],
+            "score": [i / 7 for i in range(count)],
+            "at": pa.array(
+                [i * 1_000_250 for i in range(count)], pa.timestamp("us", tz="UTC")
+            ),
+        }
+    )
+    by_polars = encode_json_lines(batch)  # Polars is imported in this process
+    encoded_rows: list[int] = []
+    encode_small = jsonl_module._encode_small
+
+    def counting(part: pa.RecordBatch) -> bytes:
+        encoded_rows.append(part.num_rows)
+        return encode_small(part)
+
+    monkeypatch.setattr(jsonl_module, "_encode_small", counting)
+    monkeypatch.setattr(jsonl_module, "_polars_imported", lambda: False)
+    monkeypatch.setattr(jsonl_module, "_orjson_values", 0)
+    monkeypatch.setattr(jsonl_module, "_ORJSON_VALUES_BEFORE_POLARS", 1000)
+
+    outputs = [encode_json_lines(batch) for _ in range(3)]
+
+    assert encoded_rows == [count, count]  # 800 values, then Polars
+    assert jsonl_module._orjson_values == 800
+    assert outputs == [by_polars] * 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 import types
@@ -131,10 +132,29 @@ def test_info_unknown_name_exit_2(manager: PluginManager) -> None:
     assert "no plugin named 'filtr'; did you mean 'filter'?" in result.output
 
 
-def test_info_ambiguous_name_exit_2(manager: PluginManager) -> None:
-    result = CliRunner().invoke(plugin, ["info", "csv"])
+@pytest.mark.parametrize("options", [[], ["--format", "json"]])
+def test_info_ambiguous_name_exit_2(manager: PluginManager, options: list[str]) -> None:
+    result = CliRunner().invoke(plugin, ["info", "csv", *options])
+
     assert result.exit_code == 2
-    assert "give the section too" in result.output
+    lines = result.output.splitlines()
+    assert lines[0] == (
+        "error: 'csv' names plugins in several sections (sources, destinations); "
+        "choose one with --section:"
+    )
+    suggested = [shlex.split(line) for line in lines[1:]]
+    assert suggested == [
+        ["dataflare", "plugin", "info", "csv", "--section", section, *options]
+        for section in ("sources", "destinations")
+    ]
+    # Each suggested command works as printed.
+    for command, section in zip(suggested, ("sources", "destinations"), strict=True):
+        rerun = invoke(*command[2:])
+        assert rerun.exit_code == 0, rerun.output
+        if options:
+            assert json.loads(rerun.output)["section"] == section
+        else:
+            assert f"section:      {section}\n" in rerun.output
 
 
 def test_info_incompatible_plugin_exit_1(

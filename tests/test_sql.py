@@ -334,3 +334,17 @@ def test_sql_arrow_string_view(context: Any, monkeypatch: pytest.MonkeyPatch) ->
     assert out.column("jfk").to_pylist() == [False, True, None, False]
     assert out.column("late").to_pylist() == [True, False, None, True]
     assert conversions == []
+
+
+def test_sql_context_created_on_first_fallback(context: Any) -> None:
+    transform = make(context, "SELECT id FROM input WHERE f > 1")
+
+    transform.process(NO_NAN)  # no NaN, so Arrow runs the query
+    assert transform._context is None
+
+    transform.process(EDGES)  # a compared float is NaN, so Polars SQL runs it
+    first_context = transform._context
+    assert first_context is not None
+
+    transform.process(EDGES)
+    assert transform._context is first_context

@@ -287,6 +287,111 @@ def test_validate_loads_no_engine(tmp_path: Path) -> None:
         assert module not in loaded
 
 
+WINDOWED = """
+id: windowed
+sources:
+  rows:
+    type: jsonl
+    config: {{path: {data}, schema: {{n: int, name: string, ts: timestamp}}}}
+    event_time: {{field: ts}}
+transformations:
+  hourly:
+    type: window
+    inputs: [rows]
+    config:
+      size: 1h
+      key_by: [name]
+      aggregations: {{count: {{fn: count}}, total: {{fn: sum, field: n}}}}
+destinations:
+  out:
+    type: jsonl
+    inputs: [hourly]
+    config: {{path: {out}}}
+"""
+
+
+def write_rows(path: Path, count: int) -> None:
+    lines = [
+        json.dumps(
+            {"n": i, "name": "ab"[i % 2], "ts": f"2024-01-01T{i % 24:02d}:00:00Z"}
+        )
+        for i in range(count)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_step_modules_load_no_polars() -> None:
+    loaded = loaded_after(
+        "import dataflare.connectors.files.jsonl, dataflare.transforms.filter, "
+        "dataflare.transforms.sql"
+    )
+
+    assert "dataflare.transforms.expressions" in loaded
+    assert "polars" not in loaded
+
+
+def test_simple_steps_run_without_pandas(tmp_path: Path) -> None:
+    # The steps themselves, without the executor.
+    data = tmp_path / "rows.jsonl"
+    write_rows(data, 200)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, "tests")
+        from conftest import RecordingContext
+        from dataflare.connectors.files.jsonl import (
+            JsonLinesSink, JsonLinesSinkConfig, JsonLinesSource,
+            JsonLinesSourceConfig,
+        )
+        from dataflare.transforms.filter import FilterConfig, FilterTransform
+        from dataflare.transforms.sql import SqlConfig, SqlTransform
+
+        config = {{"path": {str(data)!r}, "schema": {{"n": "int", "name": "string"}}}}
+        source = JsonLinesSource(
+            JsonLinesSourceConfig.model_validate(config), RecordingContext()
+        )
+        condition = FilterConfig(condition="n > 1 AND name IS NOT NULL")
+        keep = FilterTransform(condition, RecordingContext())
+        query = SqlConfig(query="SELECT name, n * 2 AS twice FROM input")
+        double = SqlTransform(query, RecordingContext())
+        sink_config = JsonLinesSinkConfig(path={str(tmp_path / "out.jsonl")!r})
+        sink = JsonLinesSink(sink_config, RecordingContext())
+        schema = double.output_schema([keep.output_schema([source.schema()])])
+        sink.input_schema = schema
+        source.open(); keep.open(); double.open(); sink.open()
+        for item in source.read():
+            for kept in keep.process(item.batch):
+                for out in double.process(kept):
+                    sink.write(out)
+        sink.flush(); sink.close(); source.close()
+        """
+    )
+
+    loaded = loaded_after(code)
+
+    written = (tmp_path / "out.jsonl").read_text().splitlines()
+    expected = [{"name": "ab"[n % 2], "twice": 2 * n} for n in range(2, 200)]
+    assert [json.loads(line) for line in written] == expected
+    assert "pandas" not in loaded
+
+
+def test_window_run_loads_no_pandas(tmp_path: Path) -> None:
+    data = tmp_path / "rows.jsonl"
+    write_rows(data, 48)
+    pipeline = tmp_path / "pipeline.yaml"
+    out = tmp_path / "out.jsonl"
+    pipeline.write_text(WINDOWED.format(data=data, out=out))
+
+    loaded = loaded_after(invoke("run", str(pipeline), "--no-progress"))
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # Hour h contains records h and h + 24, both with name "ab"[h % 2].
+    assert [row["count"] for row in rows] == [2] * 24
+    assert [row["total"] for row in rows] == [2 * h + 24 for h in range(24)]
+    assert [row["name"] for row in rows] == ["ab"[h % 2] for h in range(24)]
+    assert "pandas" not in loaded
+
+
 def test_package_exports_resolve() -> None:
     from dataflare import api
     from dataflare.streaming import errors, metrics, runner

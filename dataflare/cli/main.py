@@ -11,6 +11,7 @@ start without loading them.
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ from typing import Any
 import click
 import orjson
 
-from dataflare.cli.logs import configure_logging
+from dataflare.cli.logs import HeldEngineErrors, configure_logging
 from dataflare.streaming.errors import PipelineRunError, PipelineValidationError
 
 EXIT_FAILED = 1
@@ -72,7 +73,42 @@ _param_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """A command group that imports the modules of some subcommands on first use.
+
+    `dataflare run` then starts without compiling and importing the
+    checkpoint and plugin commands.
+    """
+
+    lazy_commands = {
+        "checkpoints": "dataflare.cli.checkpoints:checkpoints",
+        "plugin": "dataflare.cli.plugin:plugin",
+        "savepoint": "dataflare.cli.checkpoints:savepoint",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.lazy_commands.get(cmd_name)
+        if target is None or cmd_name in self.commands:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = target.partition(":")
+        command: click.Command = getattr(importlib.import_module(module), attribute)
+        self.add_command(command, cmd_name)
+        return command
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        # click suggests close names ("Did you mean") from `self.commands`.
+        if args and args[0] not in self.commands and args[0] not in self.lazy_commands:
+            for name in self.lazy_commands:
+                self.get_command(ctx, name)
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dataflare")
 @click.option(
     "--log-format",
@@ -157,12 +193,16 @@ def run(
         sys.exit(EXIT_INVALID if not_found else EXIT_FAILED)
     display = ProgressDisplay(enabled=show)
     error: PipelineRunError | None = None
-    with stop_on_signals(pipeline_run), display:
+    # The summary prints the run's error, so the engine's record of it is
+    # held back, and any other error is logged after the run.
+    held_errors = HeldEngineErrors()
+    with held_errors, stop_on_signals(pipeline_run), display:
         try:
             summary = pipeline_run.run(on_progress=display.update)
         except PipelineRunError as exc:
             error = exc
             summary = exc.summary  # type: ignore[attr-defined]
+    held_errors.release(summary.error)
     print_summary(summary)
     if summary_json is not None:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
@@ -170,8 +210,7 @@ def run(
             orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2)
         )
     if error is not None:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        sys.exit(EXIT_FAILED)  # the summary's last line gives the error
     bounded = all(s.bounded for s in pipeline_run.executor.sources())
     if summary.status == "stopped" and bounded:
         sys.exit(EXIT_INTERRUPTED)
@@ -261,18 +300,6 @@ def _load_or_exit(path: Path, params: dict[str, Any]) -> Any:
     except PipelineValidationError as exc:
         print_validation_error(exc)
         sys.exit(EXIT_INVALID)
-
-
-def _add_subcommands() -> None:
-    from dataflare.cli.checkpoints import checkpoints, savepoint
-    from dataflare.cli.plugin import plugin
-
-    cli.add_command(checkpoints)
-    cli.add_command(savepoint)
-    cli.add_command(plugin)
-
-
-_add_subcommands()
 
 
 def main() -> None:

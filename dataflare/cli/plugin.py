@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +29,11 @@ import click
 import orjson
 
 if TYPE_CHECKING:
-    from dataflare.plugin.manager import PluginInfo, PluginManager
+    from dataflare.plugin.manager import (
+        AmbiguousPluginNameError,
+        PluginInfo,
+        PluginManager,
+    )
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -154,7 +159,7 @@ def info(name: str, section: str | None, output_format: str) -> None:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         _fail(f"no plugin named {name!r}{hint} (see `dataflare plugin list`)", 2)
     except AmbiguousPluginNameError as exc:
-        _fail(str(exc), EXIT_INVALID)
+        _fail(_ambiguous_name_message(exc, output_format), EXIT_INVALID)
     except Exception as exc:  # the plugin's import or compatibility check failed
         _fail(f"plugin {name!r} cannot be loaded: {exc}")
     details = manager.info(name, section)
@@ -166,6 +171,20 @@ def info(name: str, section: str | None, output_format: str) -> None:
     click.echo(_describe(details))
     click.echo("config schema:")
     click.echo(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode())
+
+
+def _ambiguous_name_message(exc: AmbiguousPluginNameError, output_format: str) -> str:
+    """Describe a name used in several sections, with one command per section."""
+    options = "" if output_format == "text" else f" --format {output_format}"
+    commands = [
+        f"  dataflare plugin info {shlex.quote(exc.name)} --section {section}{options}"
+        for section in exc.sections
+    ]
+    return (
+        f"{exc.name!r} names plugins in several sections "
+        f"({', '.join(exc.sections)}); choose one with --section:\n"
+        + "\n".join(commands)
+    )
 
 
 def _describe(info: PluginInfo) -> str:

@@ -90,6 +90,14 @@ class PluginLoadError(ImportError):
 class AmbiguousPluginNameError(LookupError):
     """A plugin name used without a section names plugins in several sections."""
 
+    def __init__(self, name: str, sections: list[str]) -> None:
+        super().__init__(
+            f"{name!r} names plugins in several sections ({', '.join(sections)}); "
+            "give the section too"
+        )
+        self.name = name
+        self.sections = sections
+
 
 @dataclass
 class PluginStats:
@@ -491,10 +499,7 @@ class PluginManager:
             known = sorted({i.name for i in self.list_plugins()})
             raise PluginNotFoundError("plugin", name, known)
         if len(matches) > 1:
-            raise AmbiguousPluginNameError(
-                f"{name!r} names plugins in several sections ({', '.join(matches)}); "
-                "give the section too"
-            )
+            raise AmbiguousPluginNameError(name, matches)
         return matches[0], name
 
     def load(self, name: str, section: str | None = None) -> PluginClass:

@@ -6,6 +6,9 @@ reason, the input position where the source knows it
 object for parsed records, the raw text otherwise) and the wall-clock time
 of rejection. The file is created
 on the first rejection only, so a clean run leaves no empty file behind.
+
+Numbers in a record are written exactly: a `JsonNumber` as its text in the
+input, and integers of any size in full.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import IO, Any
 
 import orjson
 import pyarrow as pa
+
+from dataflare.streaming.exactjson import dumps_exact
 
 
 class DeadLetterWriter:
@@ -53,9 +58,7 @@ class DeadLetterWriter:
                 "record": row,
                 "rejected_at": now,
             }
-            lines.append(
-                orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS)
-            )
+            lines.append(dumps_exact(entry, option=orjson.OPT_NON_STR_KEYS))
         with self._lock:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,19 +3,25 @@
 Times inside the engine are integers: microseconds since the Unix epoch, UTC.
 The event time of each record sits in the reserved `_event_time` column as
 `timestamp[us, tz=UTC]`.
+
+Polars converts the event times. It is imported only by the functions that
+use it, so that a pipeline without event time does not load it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dataflare.plugin.interface import EVENT_TIME, FieldNotFoundError
 from dataflare.streaming.spec import EventTimeSpec, WatermarkSpec
+
+if TYPE_CHECKING:
+    import polars as pl
 
 MIN_TIME = -(2**63)
 MAX_TIME = 2**63 - 1
@@ -38,6 +44,8 @@ class EventTimeExtractor:
     """Adds `_event_time` to batches according to a source's `event_time`."""
 
     def __init__(self, spec: EventTimeSpec, schema: pa.Schema) -> None:
+        import polars as pl
+
         self.spec = spec
         self.fields = list(schema.names)
         if spec.field is not None:
@@ -63,6 +71,8 @@ class EventTimeExtractor:
         self._expr = self._converted(schema)
 
     def _converted(self, schema: pa.Schema) -> pl.Expr:
+        import polars as pl
+
         empty = pl.from_arrow(pa.Table.from_batches([], schema=schema))
         assert isinstance(empty, pl.DataFrame)
         try:
@@ -113,6 +123,8 @@ class EventTimeExtractor:
         return schema.append(pa.field(EVENT_TIME, EVENT_TIME_TYPE))
 
     def apply(self, batch: pa.RecordBatch) -> Extracted:
+        import polars as pl
+
         df = pl.from_arrow(batch)
         assert isinstance(df, pl.DataFrame)
         try:
@@ -139,6 +151,8 @@ class EventTimeExtractor:
         return Extracted(out, bad, reasons)
 
     def _one(self, df: pl.DataFrame, row: int) -> object:
+        import polars as pl
+
         try:
             return df.slice(row, 1).select(self._expr).item()
         except pl.exceptions.PolarsError:
@@ -161,6 +175,8 @@ class EventTimeExtractor:
 
 def _parse_iso(strings: pl.Series, timezone: str) -> pl.Series:
     """Parse ISO 8601 strings, with nulls for values that do not parse."""
+    import polars as pl
+
     try:
         parsed = strings.str.to_datetime(time_unit="us", strict=False)
     except pl.exceptions.ComputeError:
@@ -180,6 +196,8 @@ def _parse_iso(strings: pl.Series, timezone: str) -> pl.Series:
 
 
 def _parse_one(value: str, timezone: str) -> object:
+    import polars as pl
+
     try:
         parsed = pl.Series([value]).str.to_datetime(time_unit="us", strict=False)
     except pl.exceptions.ComputeError:
@@ -188,6 +206,8 @@ def _parse_one(value: str, timezone: str) -> object:
 
 
 def _normalise(times: pl.Series, timezone: str) -> pl.Series:
+    import polars as pl
+
     dtype = times.dtype
     if isinstance(dtype, pl.Datetime):
         if dtype.time_zone is None:

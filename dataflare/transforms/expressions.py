@@ -12,6 +12,10 @@ integer, text and boolean literals, comparisons, `AND`, `OR`, `NOT`,
 `IS [NOT] NULL`, `+`, `-` and `*`) into Arrow compute calls on the batch
 itself. Converting a batch to a Polars frame and back costs a few hundred
 microseconds per call, even on ten rows, which the Arrow calls avoid.
+
+This module imports Polars only inside the functions that use it. So the
+`jsonl` connector, which imports it for `scalar_from_buffers`, does not
+load Polars.
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ import json
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dataflare.plugin.interface import ConfigError, FieldNotFoundError
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 def parse_expression(text: str, fields: Sequence[str], *, where: str) -> pl.Expr:
@@ -36,6 +42,8 @@ def parse_expression(text: str, fields: Sequence[str], *, where: str) -> pl.Expr
         ValueError: the expression is not valid SQL.
         FieldNotFoundError: it names a field that is not in `fields`.
     """
+    import polars as pl
+
     try:
         expr = pl.sql_expr(text)
     except Exception as exc:  # polars raises several error types for bad SQL
@@ -54,6 +62,8 @@ def check_expression(text: str, schema: pa.Schema, *, where: str) -> pl.Expr:
             field with a number, for example).
         FieldNotFoundError: the expression names a field `schema` lacks.
     """
+    import polars as pl
+
     expr = parse_expression(text, schema.names, where=where)
     empty = to_polars(empty_batch(schema))
     try:
@@ -84,6 +94,8 @@ def empty_batch(schema: pa.Schema) -> pa.RecordBatch:
 
 
 def to_polars(batch: pa.RecordBatch) -> pl.DataFrame:
+    import polars as pl
+
     df = pl.from_arrow(batch)
     assert isinstance(df, pl.DataFrame)
     return df
@@ -105,6 +117,8 @@ def output_dtype_schema(schema: pa.Schema, exprs: Sequence[pl.Expr]) -> pa.Schem
 
 def polars_dtype(dtype: pa.DataType) -> pl.DataType:
     """Return the Polars type that Polars gives an Arrow column of `dtype`."""
+    import polars as pl
+
     series = pl.from_arrow(pa.nulls(0, dtype))
     assert isinstance(series, pl.Series)
     return series.dtype
@@ -145,6 +159,8 @@ def to_arrow_expression(expr: pl.Expr, schema: pa.Schema) -> ArrowExpression | N
     differs from the type Polars gives. Integer arithmetic wraps around on
     overflow, as in Polars.
     """
+    import polars as pl
+
     try:
         tree = json.loads(expr.meta.serialize(format="json"))
         node = _translate(tree, schema)
@@ -360,10 +376,10 @@ def _scalar(literal: _Literal, dtype: pa.DataType) -> pa.Scalar:
         fits = dtype in _UNSIGNED and 0 <= value < 2**dtype.bit_width
     if not fits:
         raise _Untranslatable((value, dtype))
-    return _scalar_from_buffers(value, dtype)
+    return scalar_from_buffers(value, dtype)
 
 
-def _scalar_from_buffers(value: float | str, dtype: pa.DataType) -> pa.Scalar:
+def scalar_from_buffers(value: float | str, dtype: pa.DataType) -> pa.Scalar:
     """Build a scalar of a fixed-width or text type from its Arrow buffers.
 
     `pa.scalar` and `pa.array` import pandas on their first call when it is
@@ -429,6 +445,8 @@ def _raise_on_nan(values: Any) -> None:
 
 def _same_type(expr: pl.Expr, node: _Values, schema: pa.Schema) -> bool:
     """Check on no rows that Arrow gives the type that Polars gives."""
+    import polars as pl
+
     empty = empty_batch(schema)
     result = pl.from_arrow(node.evaluate(empty))
     assert isinstance(result, pl.Series)

@@ -22,8 +22,8 @@ contains NaN, are evaluated by Polars.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
@@ -43,6 +43,9 @@ from dataflare.transforms.expressions import (
     to_arrow_expression,
     to_polars,
 )
+
+if TYPE_CHECKING:
+    import polars as pl
 
 _MASK = "__condition"
 
@@ -69,6 +72,8 @@ class FilterTransform(Transform[FilterConfig]):
                     "all inputs of a filter must have the same fields and types; "
                     f"got {inputs[0].names} and {other.names}"
                 )
+        import polars as pl
+
         expr = check_expression(self.config.condition, inputs[0], where="condition")
         empty = to_polars(empty_batch(inputs[0]))
         dtype = empty.select(expr.alias("condition")).schema["condition"]

@@ -49,8 +49,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
@@ -71,6 +71,9 @@ from dataflare.transforms.expressions import (
     to_arrow_expression,
     to_polars,
 )
+
+if TYPE_CHECKING:
+    import polars as pl
 
 _MISSING_COLUMN = re.compile(r'unable to find column "([^"]+)"')
 
@@ -99,7 +102,8 @@ class SqlTransform(Transform[SqlConfig]):
         self._schemas: dict[pa.Schema, pa.Schema] = {}
         self._plans: dict[pa.Schema, _Plan] = {}
         self._last: _Plan | None = None
-        self._context = pl.SQLContext()  # reused by the batches that Polars runs
+        # Made on first use and reused by the batches that Polars runs.
+        self._context: pl.SQLContext[Any] | None = None
 
     def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
         schema = inputs[0]
@@ -124,9 +128,14 @@ class SqlTransform(Transform[SqlConfig]):
     def _run_polars(
         self, batch: pa.RecordBatch, output: pa.Schema
     ) -> list[pa.RecordBatch]:
+        import polars as pl
+
+        context = self._context
+        if context is None:
+            context = self._context = pl.SQLContext()
         try:
-            self._context.register(self.config.table, to_polars(batch))
-            result = self._context.execute(self.config.query, eager=True)
+            context.register(self.config.table, to_polars(batch))
+            result = context.execute(self.config.query, eager=True)
         except pl.exceptions.PolarsError as exc:
             self.context.reject(
                 batch,
@@ -145,6 +154,8 @@ class SqlTransform(Transform[SqlConfig]):
             FieldNotFoundError: the query reads a field `schema` lacks.
             ConfigError: the query is invalid or not a SELECT statement.
         """
+        import polars as pl
+
         context = pl.SQLContext({self.config.table: to_polars(empty_batch(schema))})
         try:
             result = context.execute(self.config.query, eager=True)
@@ -218,6 +229,8 @@ class _ArrowQuery:
         Polars SQL makes of the whole query must print the same as the
         plan built from those parts, so the parts mean what the query does.
         """
+        import polars as pl
+
         parts = _split_select(query)
         if parts is None:
             return None
@@ -327,6 +340,8 @@ def _split_select(query: str) -> tuple[list[str], str | None] | None:
 
 
 def _parse_items(texts: list[str], schema: pa.Schema) -> list[pl.Expr]:
+    import polars as pl
+
     items: list[pl.Expr] = []
     for text in texts:
         if text == "*":

@@ -12,8 +12,9 @@ a record boundary, and parses a chunk with Arrow straight into the field
 types (declared in `schema`, or inferred from the first `infer_rows`
 records). Only when a value in a chunk does not convert is that chunk
 parsed again as raw text, and converted value by value: the records with a
-bad value go to the dead-letter output, with every bad field in the reason,
-and the rest go on. A record with the wrong number of fields goes there too.
+bad value go to the dead-letter output, with every bad field in the reason
+and every field as its text in the file, and the rest go on. A record with
+the wrong number of fields goes there too.
 Each rejected record is named by file, record number (the first data record
 is record 1) and line number.
 
@@ -25,7 +26,9 @@ rejected, and the lines after it are read as records.
 Quoted fields with line breaks, CRLF line ends, a UTF-8 byte order mark,
 blank lines, a missing final newline and gzip files (`.csv.gz`) are read.
 With `follow: true`, records appended to the files are read as soon as
-their line is complete, and files that appear later are read too.
+their line is complete, and files that appear later are read too. A last
+line without a newline, or a record whose quoted field is still open, stays
+unread, and `close` logs a warning with its file, line and byte offset.
 """
 
 from __future__ import annotations
@@ -245,8 +248,38 @@ class CsvSource(Source[CsvSourceConfig]):
 
     def close(self) -> None:
         for cursor in self._cursors:
+            if self.config.follow:
+                self._warn_unread(cursor)
             cursor.close()
         self._cursors = []
+
+    def _warn_unread(self, cursor: _Cursor) -> None:
+        """Log the bytes after the last complete record, which a stop leaves unread.
+
+        In follow mode they are a last line without its newline, or a record
+        whose quoted field is still open, which the writer may not have
+        finished.
+        """
+        if not cursor.pending.strip(b"\r\n") or cursor.compressed:
+            return
+        offset = cursor.raw.tell() - len(cursor.pending)
+        if b"\n" in cursor.pending:
+            problem = (
+                f"the record starting at line {cursor.line} has a quoted field "
+                "that is not closed"
+            )
+        else:
+            problem = f"the last line (line {cursor.line}) has no newline"
+        logger.warning(
+            "step %r: %s: %s, so its %d bytes from byte offset %d were not read; "
+            "a run that resumes from a checkpoint reads them once the record is "
+            "complete",
+            self.context.step,
+            cursor.path,
+            problem,
+            len(cursor.pending),
+            offset,
+        )
 
     @property
     def bounded(self) -> bool:
@@ -794,7 +827,8 @@ class CsvSource(Source[CsvSourceConfig]):
         )
         invalid: list[tuple[int, str, str]] = []
         table, raw_names = self._read_typed(origin, chunk, cursor.names, invalid)
-        batch, bad = self._convert(table, raw_names)
+        batch, bad_reasons = self._convert(table, raw_names)
+        bad = self._bad_records(chunk, cursor.names, bad_reasons)
         cursor.record += batch.num_rows + len(invalid)
         cursor.line += chunk.count(b"\n")
 
@@ -857,12 +891,12 @@ class CsvSource(Source[CsvSourceConfig]):
 
     def _convert(
         self, table: pa.Table, raw_names: set[str]
-    ) -> tuple[pa.RecordBatch, dict[int, tuple[Any, str]]]:
+    ) -> tuple[pa.RecordBatch, dict[int, str]]:
         """Build the batch, converting the fields read as raw bytes value by value.
 
         Returns the typed batch (bad values as null) and, for each row with a
-        bad value, the row (its raw fields as text) and the reason, which
-        names every bad field of the row, joined with "; ".
+        bad value, the reason, which names every bad field of the row,
+        joined with "; ".
         """
         assert self._schema is not None
         columns = []
@@ -881,13 +915,42 @@ class CsvSource(Source[CsvSourceConfig]):
                 values = values.cast(target.type)  # zoneless timestamps, as UTC
             columns.append(values)
         batch = pa.RecordBatch.from_arrays(columns, schema=self._schema)
+        return batch, {row: "; ".join(texts) for row, texts in reasons.items()}
+
+    def _bad_records(
+        self, chunk: bytes, names: list[str], reasons: dict[int, str]
+    ) -> dict[int, tuple[Any, str]]:
+        """Pair each reason with its record: the schema's fields as text in the file.
+
+        The chunk is read again with every field as text and no null values,
+        so that the dead-letter output shows each value as written. A typed
+        value would lose digits (`12345678901234567890` as a float) or
+        spelling (`1e2` as 100.0, `yes` as true). Records with the wrong
+        number of fields are skipped, as in `_read_chunk`, so the rows match.
+        """
         if not reasons:
-            return batch, {}
-        bad_rows = sorted(reasons)
-        rows = table.take(pa.array(bad_rows)).to_pylist()
-        records = [{name: _text(value) for name, value in row.items()} for row in rows]
-        return batch, {
-            row: (records[i], "; ".join(reasons[row])) for i, row in enumerate(bad_rows)
+            return {}
+        assert self._schema is not None
+        table = pacsv.read_csv(
+            pa.py_buffer(chunk),
+            read_options=pacsv.ReadOptions(
+                column_names=names, use_threads=False, block_size=len(chunk) + 1
+            ),
+            parse_options=self._parse_options(lambda row: "skip"),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(self._schema.names, pa.binary()),
+                include_columns=self._schema.names,
+                include_missing_columns=True,
+                null_values=[],
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+        rows = sorted(reasons)
+        records = table.take(pa.array(rows)).to_pylist()
+        return {
+            row: ({name: _text(value) for name, value in record.items()}, reasons[row])
+            for row, record in zip(rows, records, strict=True)
         }
 
     def _convert_raw(

@@ -29,11 +29,12 @@ import os
 import threading
 import time
 from abc import abstractmethod
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dataflare.plugin.interface import Sink, SinkConfig, SinkInfo
 from dataflare.state.checkpoint import FINAL_CHECKPOINT
@@ -66,6 +67,43 @@ class FileSinkConfig(SinkConfig):
         description="Replace existing output; if false, an existing output file "
         "(or part file, when rolling) is an error",
     )
+
+    @field_validator("roll_bytes", mode="before")
+    @classmethod
+    def _positive_size(cls, value: Any) -> Any:
+        if _is_number(value) and value <= 0:
+            raise ValueError(
+                "roll_bytes must be a positive number of bytes; set the size at "
+                "which a new part file starts, for example 100000000 for about "
+                "100 MB, or remove roll_bytes to write one file"
+            )
+        return value
+
+    @field_validator("roll_interval", mode="before")
+    @classmethod
+    def _interval_not_negative(cls, value: Any) -> Any:
+        # Checked before parsing, which rejects "-1s" as an invalid duration.
+        text = value.strip() if isinstance(value, str) else ""
+        if text.startswith("-") or (_is_number(value) and value < 0):
+            raise ValueError(_ROLL_INTERVAL_ERROR)
+        return value
+
+    @field_validator("roll_interval")
+    @classmethod
+    def _positive_interval(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError(_ROLL_INTERVAL_ERROR)
+        return value
+
+
+_ROLL_INTERVAL_ERROR = (
+    "roll_interval must be longer than zero; set the age at which a new part "
+    "file starts, for example 1h or 30s, or remove roll_interval to write one file"
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 ConfigT = TypeVar("ConfigT", bound=FileSinkConfig)
