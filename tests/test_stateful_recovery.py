@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,10 +160,16 @@ def crash_repeatedly(path: Path, seed: int) -> int:
     """Kill runs of `path` until `KILLS` kills happened; return the number.
 
     Two runs die at crash points; the others get SIGKILL after a random
-    delay. A run that completes before its delay ends counts no kill, and
-    the next run starts over.
+    share of the time a whole run takes, measured first. A run that
+    completes before its delay ends counts no kill, and the next run starts
+    over.
     """
     rng = random.Random(seed)
+    began = time.monotonic()
+    whole = start(path)
+    _, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err.decode()[-3000:]
+    run_seconds = time.monotonic() - began
     plan: list[str | None] = [
         f"checkpoint-write:{rng.randint(2, 6)}",
         f"sink-commit:{rng.randint(1, 3)}",
@@ -173,7 +180,9 @@ def crash_repeatedly(path: Path, seed: int) -> int:
             break
         process = start(path, crash_at)
         try:
-            timeout = 120 if crash_at is not None else rng.uniform(0.8, 2.0)
+            timeout = (
+                120 if crash_at is not None else rng.uniform(0.3, 0.9) * run_seconds
+            )
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
