@@ -499,6 +499,7 @@ def profiles(s: Settings, results: Results) -> None:
     if "startup" in s.workloads:
         results.profiles["imports"] = import_times()
         results.profiles["startup"] = startup_profile(s)
+        results.profiles["footprint"] = import_footprint()
     if {"W1", "W3"} & set(s.workloads):
         print("measuring fixed costs", flush=True)
         costs = measure.run(
@@ -537,6 +538,29 @@ def startup_profile(s: Settings, top: int = 15) -> list[tuple[str, float]]:
             rows.append((f"{function} ({where}:{line})", cumulative))
     rows.sort(key=lambda row: -row[1])
     return rows[:top]
+
+
+FOOTPRINT_IMPORTS = {
+    "Python alone": "pass",
+    "NumPy": "import numpy",
+    "Arrow with its compute and JSON modules": (
+        "import pyarrow, pyarrow.compute, pyarrow.json"
+    ),
+    "Polars": "import polars",
+    "Arrow and Polars": "import pyarrow, pyarrow.compute, pyarrow.json, polars",
+    "the `dataflare` command and its engine": (
+        "import dataflare.cli.main, dataflare.streaming.runner"
+    ),
+}
+
+
+def import_footprint() -> dict[str, float]:
+    """Return the peak resident MB of a process that only imports each group."""
+    footprint = {}
+    for label, code in FOOTPRINT_IMPORTS.items():
+        run = measure.run([str(PYTHON), "-c", code], cpus=TWO_CORES, timeout=120)
+        footprint[label] = run.peak_mb
+    return footprint
 
 
 def import_times(top: int = 8) -> list[tuple[str, float]]:
