@@ -736,9 +736,11 @@ def _gaps(
                 "the source calls it, which bounds a two-core run at about twice "
                 "that before anything else runs."
             )
+        w4 = throughput(runs.get("W4", {}).get("dataflare", []))
+        w4_rate = f" in W1 and {_fmt_rate(w4['rate'])} in W4" if w4 else ""
         out.append(
-            f"**W1 and W4 throughput.** DataFlare reaches {_fmt_rate(w1['rate'])} "
-            f"against 1.25 M records/s.{measured}{ceiling} The source already "
+            f"**W1 and W4 throughput.** DataFlare reaches {_fmt_rate(w1['rate'])}"
+            f"{w4_rate}, against 1.25 M records/s.{measured}{ceiling} The source already "
             "parses blocks on a thread per core (`read_json` releases the GIL), "
             "copies no blocks and finds line bounds only when Arrow rejects a "
             "block; the filter, the projection and the sink run chained on one "
@@ -810,10 +812,15 @@ def _gaps(
             if floor
             else ""
         )
+        behind = (
+            f", and Bytewax's p99 in the same run is {_fmt_ms(peer_lat['p99_ms'])} ms"
+            if peer_lat and lat["p99_ms"] >= peer_lat["p99_ms"]
+            else ""
+        )
         out.append(
             f"**W3 latency.** p99 {_fmt_ms(lat['p99_ms'])} ms and p99.9 "
-            f"{_fmt_ms(lat['p999_ms'])} ms at 50 k/s against 0.45 ms and "
-            f"2.4 ms.{noise} The source, the filter, the projection and the sink "
+            f"{_fmt_ms(lat['p999_ms'])} ms at 50 k/s, against targets of 0.45 ms "
+            f"and 2.4 ms{behind}.{noise} The source, the filter, the projection and the sink "
             "run chained on one thread, so a record waits for no queue and no "
             "other thread; what remains per batch is the fixed cost of each "
             "step's call (see Fixed costs above) and the interpreter's garbage "
@@ -853,9 +860,15 @@ def _gaps(
 METHOD = """\
 - Every measurement is a fresh process, timed from outside from start to
   exit, so start-up, imports and writing the output are included. Peak
-  memory is the process's peak resident set size (`ru_maxrss` from
-  `wait4`, the figure `/usr/bin/time -v` prints). Runs are pinned to CPUs 0
-  and 1, or to CPU 0 alone for the one-core figures (as `taskset -c 0`).
+  memory is the process's peak resident set size as GNU time reports it
+  (`/usr/bin/time`, which starts the program, so that the runner's own
+  memory is not counted; see `bench/measure.py`). Resident size includes
+  the pages of native libraries the program maps, such as Arrow's and
+  Polars', and how many of those count depends on the kernel's page cache:
+  importing the same Arrow build from two copies of one virtual
+  environment read 67 MB and 99 MB on this machine. Runs are pinned to
+  CPUs 0 and 1, or to CPU 0 alone for the one-core figures (as
+  `taskset -c 0`).
 - Records/s is the number of input records divided by the whole-process
   wall time.
 - Every system reads the same JSON lines and must write the same records
