@@ -1083,3 +1083,46 @@ def test_large_batches_use_orjson_until_budget(monkeypatch: pytest.MonkeyPatch) 
     assert encoded_rows == [count, count]  # 800 values, then Polars
     assert jsonl_module._orjson_values == 800
     assert outputs == [by_polars] * 3
+
+
+def test_invalid_utf8_line_rejected(tmp_path: Path, context: RecordingContext) -> None:
+    """Arrow's reader copies string bytes unchecked; such a line is rejected."""
+    path = tmp_path / "text.jsonl"
+    path.write_bytes(
+        b'{"id": 1, "s": "ok"}\n'
+        b'{"id": 2, "s": "\xff"}\n'
+        b'{"id": 3, "s": "a\xc3"}\n'
+        b'{"id": 4, "s": "fine"}\n'
+    )
+    source = make_source(context, path, schema={"id": "int", "s": "string"})
+
+    table, batches = read_all(source)
+
+    assert positions(batches) == [f"{path} line 1", f"{path} line 4"]
+    assert table.column("id").to_pylist() == [1, 4]
+    assert table.column("s").to_pylist() == ["ok", "fine"]
+    assert [(reason, where) for _, reason, where in context.rejected] == [
+        ("the line is not valid UTF-8 text", f"{path} line 2"),
+        ("the line is not valid UTF-8 text", f"{path} line 3"),
+    ]
+
+
+@pytest.mark.parametrize("depth", [200, 500, 1000, 5000])
+def test_deeply_nested_line_rejected(
+    tmp_path: Path, context: RecordingContext, depth: int
+) -> None:
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"id": 1}\n' + "[" * depth + "]" * depth + '\n{"id": 3}\n')
+    source = make_source(context, path, schema={"id": "int"})
+
+    table, _ = read_all(source)
+
+    assert table.column("id").to_pylist() == [1, 3]
+    [(record, reason, where)] = context.rejected
+    assert where == f"{path} line 2"
+    if depth <= 1000:  # orjson reads up to 1024 levels
+        assert reason == "expected a JSON object, found an array"
+    else:
+        assert reason.startswith("JSON nested deeper than the parser's limit")
+    if depth > 100:
+        assert record == "[" * depth + "]" * depth  # kept as its text

@@ -293,6 +293,13 @@ class JsonLinesParser:
             return None
         columns = []
         for target, column in zip(self.schema, table.columns, strict=True):
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                try:
+                    # Arrow's JSON reader copies string bytes without checking
+                    # that they are UTF-8; full validation checks them.
+                    column.validate(full=True)
+                except pa.ArrowInvalid:
+                    return None
             if column.type != target.type:
                 try:
                     column = pc.cast(column, target.type)
@@ -329,9 +336,16 @@ class JsonLinesParser:
             LineError: the line is not a JSON object, or values do not fit.
                 The reason names every field whose value does not fit.
         """
-        value = _load_json(line)
-        if isinstance(value, dict) and self._has_text_field_number(value):
-            value = loads_exact(line)
+        try:
+            value = _load_json(line)
+            if isinstance(value, dict) and self._has_text_field_number(value):
+                value = loads_exact(line)
+        except RecursionError:
+            raise LineError(
+                _line_text(line),
+                f"JSON nested deeper than the parser's limit of "
+                f"{sys.getrecursionlimit()} levels",
+            ) from None
         # orjson rejects an unpaired surrogate escape such as `\ud800`, but the
         # standard library reads it into text that Arrow and orjson cannot
         # encode. Such a line goes to the dead-letter output as its text.
@@ -465,6 +479,8 @@ def _load_json(line: Block) -> Any:
             return json.loads(line)
         except ValueError:
             reason = f"invalid JSON at column {exc.colno}: {exc.msg}"
+            if _invalid_utf8(line):
+                reason = "the line is not valid UTF-8 text"
             raise LineError(_line_text(line), reason) from None
     # orjson (3.13) reads an integer beyond 64 bits as the nearest float, which
     # can round into range: -9223372036854775809 becomes -2**63. The standard
@@ -472,6 +488,14 @@ def _load_json(line: Block) -> Any:
     if _LONG_DIGITS.search(line):
         return json.loads(line)
     return value
+
+
+def _invalid_utf8(line: Block) -> bool:
+    try:
+        bytes(line).decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 def _line_text(line: Block) -> str:
@@ -486,7 +510,30 @@ def _rejected_record(line: Block, unpaired: bool) -> Any:
     """
     if unpaired:
         return _line_text(line)
-    return loads_exact(line)
+    try:
+        record = loads_exact(line)
+    except RecursionError:
+        return _line_text(line)
+    # Writing a deeply nested record back out recurses as deep as it goes.
+    return _line_text(line) if _deeper_than(record, _RECORD_DEPTH) else record
+
+
+_RECORD_DEPTH = 100
+"""Nesting beyond which a rejected record is kept as its text."""
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Return True if lists and objects in `value` nest deeper than `limit`."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            if depth > limit:
+                return True
+            pending.extend((child, depth + 1) for child in item)
+    return False
 
 
 def _find_surrogate(value: Any) -> str | None:
