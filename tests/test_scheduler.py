@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dataflare.api import Pipeline, load_pipeline
+from dataflare.streaming.errors import PipelineRunError
 from dataflare.streaming.plan import PipelinePlan
 from dataflare.streaming.runner import PipelineRun, run_many
 from dataflare.streaming.scheduler import TaskPool
@@ -238,3 +239,31 @@ checkpointing: {{interval: 50ms, storage: {tmp_path / "checkpoints"}}}
     assert sorted((r["n"], r["top"]) for r in rows) == [
         (60, 60 * m) for m in range(1, 11)
     ]
+
+
+def test_wait_before_start_is_an_error() -> None:
+    run = PipelineRun(ticking_pipeline("unstarted", rate=10, count=5))
+
+    with pytest.raises(PipelineRunError, match=r"call start\(\) first"):
+        run.wait()
+
+
+def test_run_many_stops_started_runs_when_one_cannot_start(tmp_path: Path) -> None:
+    lines = tmp_path / "in.jsonl"
+    lines.write_text('{"id": 1}\n')
+    followed = Pipeline("followed")
+    rows = followed.source(
+        "rows", "jsonl", path=str(lines), follow=True, schema={"id": "int"}
+    )
+    followed.destination("out", "memory", [rows])
+    closed = TaskPool(workers=1)
+    closed.close()
+
+    with pytest.raises(RuntimeError, match="closed"):
+        run_many(
+            [followed.build(), ticking_pipeline("late", rate=10, count=5)],
+            pool=closed,
+        )
+
+    # The followed file never ends, so only a stop ends its thread.
+    assert not any(t.name.startswith("rows[0]") for t in threading.enumerate())

@@ -135,6 +135,8 @@ class PipelineRun:
             failed run returns a summary with status "failed" and the
             error, instead of raising.
         """
+        if not self._started:
+            raise PipelineRunError("the run has not started: call start() first")
         if not self.executor.wait(timeout):
             return None
         self.executor.finish()
@@ -246,12 +248,23 @@ def run_many(
     the threads of `pool` (a new `TaskPool` when unset) instead of having
     a thread each, so thousands of small pipelines fit in one process. A
     failed pipeline does not stop the others: its summary has status
-    "failed" and the error.
+    "failed" and the error. If a run cannot start (a closed pool, for
+    example), the runs already started are stopped and the error raised.
     """
     pool = pool if pool is not None else TaskPool(name="pipelines")
     runs = [PipelineRun(plan, pool=pool) for plan in plans]
-    for run in runs:
-        run.start()
+    started: list[PipelineRun] = []
+    try:
+        for run in runs:
+            run.start()
+            started.append(run)
+    except BaseException:
+        # Leave no run going without a handle: stop those already started.
+        for run in started:
+            run.stop()
+        for run in started:
+            run.wait()
+        raise
     summaries = []
     for run in runs:
         summary = run.wait()
