@@ -267,3 +267,41 @@ def test_run_many_stops_started_runs_when_one_cannot_start(tmp_path: Path) -> No
 
     # The followed file never ends, so only a stop ends its thread.
     assert not any(t.name.startswith("rows[0]") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_stopped_checkpointed_run_publishes_its_last_output(
+    tmp_path: Path, pooled: bool
+) -> None:
+    """A stop ends the input; the final checkpoint publishes every part file."""
+    path = tmp_path / "pipeline.yaml"
+    out = tmp_path / "out"
+    path.write_text(
+        f"""
+id: stopped-output
+sources:
+  ticks:
+    type: generate
+    config: {{rate: 2000, batch_rows: 20, fields: {{id: sequence}}}}
+destinations:
+  out:
+    type: jsonl
+    inputs: [ticks]
+    config: {{path: {out}}}
+checkpointing: {{interval: 100ms, storage: {tmp_path / "checkpoints"}}}
+"""
+    )
+    run = PipelineRun(load_pipeline(path), pool=TaskPool(workers=1) if pooled else None)
+    run.start()
+    wait_for(lambda: run.snapshot().records_written >= 1000)
+    run.stop()
+    summary = run.wait(timeout=30)
+
+    assert summary is not None and summary.status == "stopped", summary
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    ids = [
+        json.loads(line)["id"]
+        for part in sorted(out.glob("part-*.jsonl"))
+        for line in part.read_text().splitlines()
+    ]
+    assert sorted(ids) == list(range(1, summary.records_written + 1))

@@ -208,7 +208,15 @@ class CheckpointCoordinator:
         # Finished only if every input ended; a source stopped by a signal
         # keeps a position that the next run resumes from.
         finished = all(state.finished for state in self._finished.values())
-        self._write(checkpoint_id, states, finished=finished, location=None)
+        # Sinks staged their last output under FINAL_CHECKPOINT when their
+        # input ended, also when a stop ended it, and this checkpoint covers it.
+        self._write(
+            checkpoint_id,
+            states,
+            finished=finished,
+            location=None,
+            commit_id=FINAL_CHECKPOINT,
+        )
         self.done.set()
 
     def _write(
@@ -218,7 +226,15 @@ class CheckpointCoordinator:
         *,
         finished: bool,
         location: str | None,
+        commit_id: int | None = None,
     ) -> None:
+        """Write a checkpoint, then tell sinks and sources it is complete.
+
+        Sinks and sources learn the id `commit_id`, by default the
+        checkpoint's own id, or FINAL_CHECKPOINT for a finished run.
+        """
+        if commit_id is None:
+            commit_id = FINAL_CHECKPOINT if finished else checkpoint_id
         steps: dict[str, dict[str, Any]] = {}
         blobs: dict[str, bytes] = {}
         for (step, index), (state, blob) in sorted(states.items()):
@@ -261,8 +277,8 @@ class CheckpointCoordinator:
             where,
         )
         for commit_queue in self.commit_queues.values():
-            commit_queue.put(FINAL_CHECKPOINT if finished else checkpoint_id)
+            commit_queue.put(commit_id)
         for notify_queue in self.notify_queues.values():
-            notify_queue.put(FINAL_CHECKPOINT if finished else checkpoint_id)
+            notify_queue.put(commit_id)
         if self.on_complete is not None:
             self.on_complete(checkpoint_id)
