@@ -325,3 +325,49 @@ destinations:
     assert schema_errors(schema_validator, text) == {}
     misspelt = text.replace("id: sequence", "id: sequins")
     assert "sources.gen.config.fields.id" in schema_errors(schema_validator, misspelt)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (".inf", "a duration must be a finite number of seconds"),
+        (".nan", "a duration must be a finite number of seconds"),
+        ("99999999999d", "duration too long: at most 999,999,999 days"),
+        ("100000000000000", "duration too long: at most 999,999,999 days"),
+    ],
+)
+def test_unrepresentable_duration_reported(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    text = f"""
+id: durations
+sources:
+  s: {{type: generate, config: {{count: 5, fields: {{id: sequence}}}}}}
+destinations:
+  out:
+    type: jsonl
+    inputs: [s]
+    config: {{path: {tmp_path / "out"}, roll_interval: {value}}}
+"""
+    with pytest.raises(PipelineValidationError) as caught:
+        validate(load_text(text))
+
+    [issue] = caught.value.issues
+    assert issue.path == ("destinations", "out", "config", "roll_interval")
+    assert issue.message == message
+
+
+def test_infinite_generate_rate_reported() -> None:
+    text = """
+id: rates
+sources:
+  s: {type: generate, config: {count: 5, rate: .inf, fields: {id: sequence}}}
+destinations:
+  out: {type: memory, inputs: [s]}
+"""
+    with pytest.raises(PipelineValidationError) as caught:
+        validate(load_text(text))
+
+    [issue] = caught.value.issues
+    assert issue.path == ("sources", "s", "config", "rate")
+    assert "finite" in issue.message

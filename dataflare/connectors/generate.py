@@ -326,7 +326,10 @@ class GenerateSourceConfig(PluginConfig):
         None, ge=0, description="Records to make; unbounded until stopped if unset"
     )
     rate: float | None = Field(
-        None, gt=0, description="Records per second; as fast as possible if unset"
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Records per second; as fast as possible if unset",
     )
     seed: int | None = Field(
         None, description="Seed of the random values; different each run if unset"

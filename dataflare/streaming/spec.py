@@ -9,6 +9,7 @@ against each plugin's own config model in `dataflare.streaming.validate`.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal
@@ -45,16 +46,28 @@ def parse_duration(value: Any) -> Any:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return timedelta(seconds=value)
+        return _seconds(value)
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
             number, unit = match.groups()
-            return timedelta(seconds=float(number) * _UNIT_SECONDS[unit or "s"])
+            return _seconds(float(number) * _UNIT_SECONDS[unit or "s"])
     raise ValueError(
         "invalid duration: write a number with a unit (us, ms, s, m, h or d), "
         "for example '30s', '5m' or '1h'"
     )
+
+
+def _seconds(seconds: float) -> timedelta:
+    """Return a duration of `seconds`, or raise ValueError if none can hold it."""
+    if not math.isfinite(seconds):
+        raise ValueError("a duration must be a finite number of seconds")
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise ValueError(
+            f"duration too long: at most {timedelta.max.days:,} days"
+        ) from None
 
 
 Duration = Annotated[
