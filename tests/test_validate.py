@@ -371,3 +371,38 @@ destinations:
     [issue] = caught.value.issues
     assert issue.path == ("sources", "s", "config", "rate")
     assert "finite" in issue.message
+
+
+def test_dead_letter_path_of_a_destination_reported(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    text = f"""
+id: shared-path
+sources:
+  s: {{type: generate, config: {{count: 5, fields: {{id: sequence}}}}}}
+destinations:
+  out: {{type: jsonl, inputs: [s], config: {{path: {out}}}}}
+errors: {{dead_letter: {{path: {out}}}}}
+"""
+    with pytest.raises(PipelineValidationError) as caught:
+        validate(load_text(text))
+
+    [issue] = caught.value.issues
+    assert issue.path == ("errors", "dead_letter", "path")
+    assert issue.message.startswith("destination 'out' writes the same file")
+
+
+def test_dead_letter_path_that_is_a_folder_reported(tmp_path: Path) -> None:
+    text = f"""
+id: folder-path
+sources:
+  s: {{type: generate, config: {{count: 5, fields: {{id: sequence}}}}}}
+destinations:
+  out: {{type: memory, inputs: [s]}}
+errors: {{dead_letter: {{path: {tmp_path}}}}}
+"""
+    with pytest.raises(PipelineValidationError) as caught:
+        validate(load_text(text))
+
+    [issue] = caught.value.issues
+    assert issue.path == ("errors", "dead_letter", "path")
+    assert issue.message == "is a folder, not a file"

@@ -127,6 +127,8 @@ def validate(
     spec = _check_structure(data, issues)
     _configure_plugin_paths(data, loaded.source, issues)
     configs = _check_plugins(data, registry, issues)
+    if spec is not None:
+        _check_dead_letter_path(spec, data, configs, issues)
     steps_specs = _step_specs(data)
     order = _check_graph(steps_specs, configs, issues)
     steps = _build_steps(data, steps_specs, configs, order)
@@ -154,6 +156,39 @@ def _configure_plugin_paths(
         default_manager().configure(settings, base_dir=base)
     except (ValueError, OSError) as exc:
         issues.append(ValidationIssue(("plugins", "paths"), str(exc)))
+
+
+def _check_dead_letter_path(
+    spec: PipelineSpec,
+    data: dict[str, Any],
+    configs: Configs,
+    issues: list[ValidationIssue],
+) -> None:
+    """Report a dead-letter path that is a folder or a destination's output."""
+    text = spec.errors.dead_letter.path.replace("{pipeline_id}", spec.id)
+    where: Path_ = ("errors", "dead_letter", "path")
+    hint = (
+        "give the dead-letter output a file of its own, "
+        "such as dead-letter/{pipeline_id}.jsonl"
+    )
+    dead = Path(text).resolve()
+    if dead.is_dir():
+        issues.append(ValidationIssue(where, "is a folder, not a file", text, hint))
+        return
+    destinations = data.get("destinations")
+    for step_id in destinations if isinstance(destinations, dict) else {}:
+        checked = configs.get(str(step_id))
+        path = getattr(checked[1], "path", None) if checked is not None else None
+        if isinstance(path, str) and Path(path).resolve() == dead:
+            issues.append(
+                ValidationIssue(
+                    where,
+                    f"destination {step_id!r} writes the same file, which would "
+                    "replace the rejected records",
+                    text,
+                    hint,
+                )
+            )
 
 
 def _graph_sound(data: dict[str, Any], steps: dict[str, StepPlan]) -> bool:
