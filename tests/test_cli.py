@@ -178,7 +178,10 @@ def test_failed_run_keeps_error_in_json_log(tmp_path: Path) -> None:
 
     records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert code == 1
-    assert [(r["level"], r["message"]) for r in records] == [("error", error)]
+    # The log names the pipeline too: a process may run several.
+    assert [(r["level"], r["message"]) for r in records] == [
+        ("error", f"pipeline 'small': {error}")
+    ]
     assert err.splitlines()[-1] == f"failed: {error}"
 
 

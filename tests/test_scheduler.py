@@ -305,3 +305,25 @@ checkpointing: {{interval: 100ms, storage: {tmp_path / "checkpoints"}}}
         for line in part.read_text().splitlines()
     ]
     assert sorted(ids) == list(range(1, summary.records_written + 1))
+
+
+def test_run_many_logs_name_the_failed_pipeline(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    plans = []
+    for n in range(3):
+        p = Pipeline(f"pipeline-{n}")
+        ticks = p.source("ticks", "generate", count=5, fields={"id": "sequence"})
+        # Pipeline 1 writes below a regular file, which cannot be a folder.
+        where = blocker if n == 1 else tmp_path
+        p.destination("out", "jsonl", [ticks], path=str(where / f"out-{n}.jsonl"))
+        plans.append(p.build())
+
+    summaries = run_many(plans, pool=TaskPool(workers=2))
+
+    assert [s.status for s in summaries] == ["completed", "failed", "completed"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert errors[0].startswith("pipeline 'pipeline-1': step 'out' failed:")

@@ -92,15 +92,15 @@ class HeldEngineErrors(logging.Filter):
     def release(self, reported_error: str | None) -> None:
         """Log the held records, except the first that reports `reported_error`.
 
-        The engine logs `step 'S' failed: E`, and the run's error is that
-        same text, or only `E` when the step raised a `PipelineRunError`.
+        The engine logs `pipeline 'P': step 'S' failed: E`, and the run's
+        error is `step 'S' failed: E`, or only `E` when the step raised a
+        `PipelineRunError`.
         """
         records, self._held_records = self._held_records, []
         for record in records:
             message = record.getMessage()
             if reported_error is not None and (
-                message == reported_error
-                or message.endswith(f" failed: {reported_error}")
+                message == reported_error or message.endswith(f": {reported_error}")
             ):
                 reported_error = None
                 continue

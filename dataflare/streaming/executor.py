@@ -568,8 +568,10 @@ class Chain:
 
     def _fail(self, step: str, exc: BaseException) -> None:
         if not isinstance(exc, RejectedRecordError):
-            logger.error("step %r failed: %s", step, exc)
-            logger.debug("step %r traceback", step, exc_info=exc)
+            # Named by pipeline too: a process may run many (`run_many`).
+            pipeline = self.state.plan.spec.id
+            logger.error("pipeline %r: step %r failed: %s", pipeline, step, exc)
+            logger.debug("pipeline %r: step %r traceback", pipeline, step, exc_info=exc)
         self.state.fail(step, exc)
 
     def is_alive(self) -> bool:
