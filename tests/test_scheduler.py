@@ -241,14 +241,14 @@ checkpointing: {{interval: 50ms, storage: {tmp_path / "checkpoints"}}}
     ]
 
 
-def test_wait_before_start_is_an_error() -> None:
+def test_wait_before_start_raises() -> None:
     run = PipelineRun(ticking_pipeline("unstarted", rate=10, count=5))
 
     with pytest.raises(PipelineRunError, match=r"call start\(\) first"):
         run.wait()
 
 
-def test_run_many_stops_started_runs_when_one_cannot_start(tmp_path: Path) -> None:
+def test_run_many_start_failure_stops_others(tmp_path: Path) -> None:
     lines = tmp_path / "in.jsonl"
     lines.write_text('{"id": 1}\n')
     followed = Pipeline("followed")
@@ -270,9 +270,7 @@ def test_run_many_stops_started_runs_when_one_cannot_start(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("pooled", [True, False])
-def test_stopped_checkpointed_run_publishes_its_last_output(
-    tmp_path: Path, pooled: bool
-) -> None:
+def test_stopped_run_publishes_last_output(tmp_path: Path, pooled: bool) -> None:
     """A stop ends the input; the final checkpoint publishes every part file."""
     path = tmp_path / "pipeline.yaml"
     out = tmp_path / "out"
@@ -307,7 +305,7 @@ checkpointing: {{interval: 100ms, storage: {tmp_path / "checkpoints"}}}
     assert sorted(ids) == list(range(1, summary.records_written + 1))
 
 
-def test_run_many_logs_name_the_failed_pipeline(
+def test_run_many_logs_failed_pipeline(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     blocker = tmp_path / "a-file"

@@ -457,7 +457,7 @@ class GenerateSource(Source[GenerateSourceConfig]):
         """Yield `Idle(until=due)` until `due`, a time.monotonic() value.
 
         The source never sleeps: the engine waits between two of these, and
-        meanwhile takes part in checkpoints and sees a stop request. So the
+        meanwhile takes part in checkpoints and handles a stop request. So the
         source can share a pool thread with other pipelines (`cooperative`).
         """
         while not self.context.stopping and time.monotonic() < due:

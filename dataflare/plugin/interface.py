@@ -210,7 +210,7 @@ class Idle:
     """Yielded by an unbounded source that has no data right now.
 
     `until` is the `time.monotonic()` value at which the source expects its
-    next data, when it knows; the engine then waits until that time (or a
+    next data, if known. The engine then waits until that time (or a
     stop or checkpoint request) before it asks `read()` for more. With None
     the source does its own waiting inside `read()`.
     """

@@ -78,9 +78,9 @@ logger = logging.getLogger(__name__)
 
 _SETTLE_POLL_SECONDS = 0.01  # while waiting for the final checkpoint
 _SAVEPOINT_RETRY_SECONDS = 0.05  # while a checkpoint is in flight
-_IDLE_WAIT_SECONDS = 0.1  # longest sleep of an idle source's own thread
+_IDLE_WAIT_SECONDS = 0.1  # maximum sleep of an idle source's own thread
 _POOL_SLICE_SECONDS = 0.01  # a busy pooled chain lets others run after this
-_POOL_IDLE_WAIT_SECONDS = 1.0  # longest wait of an idle pooled chain unwoken
+_POOL_IDLE_WAIT_SECONDS = 1.0  # maximum wait of an idle pooled chain
 
 T = TypeVar("T")
 
@@ -446,7 +446,7 @@ class Chain:
 
     @property
     def poolable(self) -> bool:
-        """Whether the head is a source that never blocks in `read()`."""
+        """Return whether the head is a source that declares `cooperative`."""
         plugin = self.head.plugin
         return isinstance(plugin, Source) and type(plugin).cooperative
 
@@ -703,7 +703,7 @@ class SourceInstance(Instance):
 
         Returns:
             The `time.monotonic()` value at which to call again: when the
-            source said its next data is due (`Idle.until`), or now when
+            source reported its next data due (`Idle.until`), or now when
             the deadline passed. None once the source has ended, suspended
             for a checkpoint, or the run aborted.
         """
@@ -1526,7 +1526,7 @@ class Executor:
         self._gate.open()
 
     def started(self) -> bool:
-        """Whether every plugin is open and data flows (see `launch`)."""
+        """Return whether every plugin is open and data flows (see `launch`)."""
         return self._gate is not None and self._gate.is_open
 
     @property

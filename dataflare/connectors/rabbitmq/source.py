@@ -397,7 +397,7 @@ class RabbitMQSource(Source[RabbitMQSourceConfig]):
                 same_channel = last.channel is message.channel
             except CONNECTION_ERRORS:
                 # `last` came on a channel that has closed since (the broker
-                # restarted), so its delivery tags say nothing about `message`.
+                # restarted), so its delivery tags are not comparable.
                 same_channel = False
             if same_channel and (last.delivery_tag or 0) >= (message.delivery_tag or 0):
                 return
