@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import polars as pl
+import pyarrow as pa
 import pytest
 
 from dataflare.state.backends import StateBackendSettings, create_backend
@@ -19,12 +19,17 @@ def open_store(kind: str, folder: Path) -> FrameStore:
     return FrameStore(KeyedStateStore(create_backend(settings, "frames-0")))
 
 
-def frame(*values: int) -> pl.DataFrame:
-    return pl.DataFrame({"v": list(values), "s": [str(v) for v in values]})
+def frame(*values: int) -> pa.Table:
+    return pa.table(
+        {
+            "v": pa.array(list(values), pa.int64()),
+            "s": pa.array([str(v) for v in values], pa.string()),
+        }
+    )
 
 
-def values(frames: list[pl.DataFrame]) -> list[list[int]]:
-    return [f["v"].to_list() for f in frames]
+def values(frames: list[pa.Table]) -> list[list[int]]:
+    return [f["v"].to_pylist() for f in frames]
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -32,7 +37,7 @@ def test_pop_returns_frames_in_arrival_order(tmp_path: Path, kind: str) -> None:
     store = open_store(kind, tmp_path)
 
     store.add([(10, frame(1)), (20, frame(2)), (10, frame(3, 4))])
-    store.add([(10, frame(5)), (30, pl.DataFrame({"v": [], "s": []}))])
+    store.add([(10, frame(5)), (30, frame())])
     counts = dict(store.slots)
     first = store.pop(10)
     again = store.pop(10)
@@ -40,7 +45,7 @@ def test_pop_returns_frames_in_arrival_order(tmp_path: Path, kind: str) -> None:
 
     assert counts == {10: 3, 20: 1}  # the empty frame is not kept
     assert values(first) == [[1], [3, 4], [5]]
-    assert first[1]["s"].to_list() == ["3", "4"]
+    assert first[1]["s"].to_pylist() == ["3", "4"]
     assert again == []
 
 

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -422,3 +423,140 @@ def test_first_last_on_equal_times(
         want = expected[expected["k"] == row["k"]].iloc[0]
         for fn in fns:
             assert row[f"{fn}_v"] == want[fn], (row["k"], fn)
+
+
+def nullable_records(count: int) -> list[dict[str, Any]]:
+    """Records with null values, text and floats, in arrival order `seq`."""
+    return [
+        {
+            "t": at(i * 4.1),
+            "k": "abc"[i % 3] if i % 7 else None,
+            "v": None if i % 5 == 0 else (i * 37) % 11 - 3,
+            "s": None if i % 4 == 0 else "xyz"[i % 3] * (i % 2 + 1),
+            "f": None if i % 6 == 0 else i / 8,
+            "seq": i,
+        }
+        for i in range(count)
+    ]
+
+
+MERGEABLE = {
+    "n": {"fn": "count"},
+    "n_v": {"fn": "count", "field": "v"},
+    "total": {"fn": "sum", "field": "v"},
+    "low_s": {"fn": "min", "field": "s"},
+    "high_s": {"fn": "max", "field": "s"},
+    "avg": {"fn": "mean", "field": "v"},
+    "sum_f": {"fn": "sum", "field": "f"},
+    "first_v": {"fn": "first", "field": "v"},
+    "last_s": {"fn": "last", "field": "s"},
+}
+
+
+@pytest.mark.parametrize("window", [{}, {"kind": "sliding", "slide": "20m"}])
+def test_mergeable_aggregations_match_duckdb_and_record_path(
+    tmp_path: Path, window: dict[str, Any]
+) -> None:
+    """Arrow's partial results equal DuckDB's and the Polars record path's.
+
+    Adding `count_distinct` makes the window keep records and aggregate them
+    with Polars; the other results and their types must not change.
+    """
+    records = nullable_records(300)
+    mergeable = window_pipeline(
+        records, tmp_path, key_by=["k"], aggregations=MERGEABLE, **window
+    ).run()
+    with_records = window_pipeline(
+        records,
+        tmp_path,
+        key_by=["k"],
+        aggregations=MERGEABLE | {"kinds": {"fn": "count_distinct", "field": "v"}},
+        **window,
+    ).run()
+
+    out = mergeable.output("out")
+    both = with_records.output("out")
+    assert both.drop_columns(["kinds"]).equals(out)
+    types = {name: str(out.schema.field(name).type) for name in MERGEABLE}
+    assert types == {
+        "n": "int64",
+        "n_v": "int64",
+        "total": "int64",
+        "low_s": "string",
+        "high_s": "string",
+        "avg": "double",
+        "sum_f": "double",
+        "first_v": "int64",
+        "last_s": "string",
+    }
+    assert out.schema.field("k").type == pa.string()
+
+    slide = 20 if window else 60
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.register("events", pa.Table.from_pylist(records))
+    # Each record belongs to the windows that start at most 1 hour before it.
+    expected = con.execute(
+        f"""
+        with starts as (
+            select *, time_bucket(interval {slide} minute, t::timestamptz)
+                - interval (o * {slide}) minute as ws
+            from events, range(0, {60 // slide}) r(o)
+        )
+        select ws, k, count(*), count(v), sum(v), min(s), max(s), avg(v), sum(f),
+            max(seq), min(seq)
+        from starts group by ws, k order by ws, k nulls first
+        """
+    ).fetchall()
+    by_seq = {r["seq"]: r for r in records}
+    actual = rows(out)
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected, strict=True):
+        assert (got["window_start"], got["k"]) == (want[0], want[1])
+        assert [got[n] for n in ("n", "n_v", "total", "low_s", "high_s")] == list(
+            want[2:7]
+        )
+        for name, value in (("avg", want[7]), ("sum_f", want[8])):
+            assert got[name] == (None if value is None else pytest.approx(value))
+        # `first` and `last` are the values of the window's first and last
+        # record, null or not.
+        assert got["first_v"] == by_seq[want[10]]["v"]
+        assert got["last_s"] == by_seq[want[9]]["s"]
+
+
+@pytest.mark.parametrize(
+    ("fn", "field", "result"),
+    [
+        ("sum", pa.int32(), pa.int64()),
+        ("sum", pa.uint8(), pa.uint64()),
+        ("sum", pa.bool_(), pa.int64()),
+        ("sum", pa.float32(), pa.float64()),
+        ("mean", pa.int8(), pa.float64()),
+        ("percentile", pa.int32(), pa.float64()),
+        ("count_distinct", pa.string(), pa.int64()),
+        ("min", pa.string(), pa.string()),
+        ("last", pa.timestamp("ms", tz="UTC"), pa.timestamp("ms", tz="UTC")),
+        # Left to Polars, and aggregated from records:
+        ("sum", pa.decimal128(10, 2), None),
+        ("mean", pa.timestamp("us"), None),
+        ("max", pa.list_(pa.int64()), None),
+    ],
+)
+def test_result_types(fn: str, field: pa.DataType, result: pa.DataType | None) -> None:
+    from dataflare.transforms.window import Aggregation
+
+    aggregation = Aggregation(fn=fn, field="x", q=0.5)  # type: ignore[arg-type]
+
+    assert aggregation.result_type(field) == result
+
+
+def test_decimal_sum_keeps_records_and_polars_type(tmp_path: Path) -> None:
+    records = [{"t": at(m), "d": Decimal(f"{m}.25")} for m in (1, 2, 70)]
+
+    summary = window_pipeline(
+        records, tmp_path, aggregations={"s": {"fn": "sum", "field": "d"}}
+    ).run()
+
+    out = summary.output("out")
+    assert out.column("s").to_pylist() == [Decimal("3.50"), Decimal("70.25")]
+    assert pa.types.is_decimal(out.schema.field("s").type)

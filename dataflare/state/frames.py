@@ -1,4 +1,4 @@
-"""Polars frames in keyed state, in lists under 64-bit integer slots.
+"""Arrow tables (frames) in keyed state, in lists under 64-bit integer slots.
 
 A `FrameStore` keeps, for each slot (a window start, for example), the
 frames added to it in arrival order. With the memory backend the frames
@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import polars as pl
 import pyarrow as pa
 
 from dataflare.state.keyed import BYTES, INT64, JSON, KeyedStateStore
@@ -38,7 +37,7 @@ class FrameStore:
         self._spill = store.backend.kind != "memory"
         self._map = store.map_state("frames", INT64, BYTES)
         self._meta = store.value_state("meta", JSON)
-        self._frames: dict[int, list[pl.DataFrame]] = {}  # memory backend only
+        self._frames: dict[int, list[pa.Table]] = {}  # memory backend only
         self._counts: dict[int, int] = {}  # frames per slot that has any
         self._next = 0  # sequence number of the next frame on disk
 
@@ -47,9 +46,9 @@ class FrameStore:
         """Number of frames of each slot that has any."""
         return self._counts
 
-    def add(self, parts: Iterable[tuple[int, pl.DataFrame]]) -> None:
+    def add(self, parts: Iterable[tuple[int, pa.Table]]) -> None:
         """Append each frame to its slot."""
-        parts = [(slot, frame) for slot, frame in parts if frame.height]
+        parts = [(slot, frame) for slot, frame in parts if frame.num_rows]
         for slot, _ in parts:
             self._counts[slot] = self._counts.get(slot, 0) + 1
         if not self._spill:
@@ -62,14 +61,14 @@ class FrameStore:
         )
         self._next += len(parts)
 
-    def pop(self, slot: int) -> list[pl.DataFrame]:
+    def pop(self, slot: int) -> list[pa.Table]:
         """Remove and return the frames of `slot`, in arrival order."""
         self._counts.pop(slot, None)
         if not self._spill:
             return self._frames.pop(slot, [])
         return self._read(slot)
 
-    def _read(self, slot: int) -> list[pl.DataFrame]:
+    def _read(self, slot: int) -> list[pa.Table]:
         """Remove and return the frames of `slot` that are in the backend."""
         key = INT64.encode(slot)
         entries = sorted(self._map.items(key))
@@ -77,7 +76,7 @@ class FrameStore:
         return [_decode(data) for _, data in entries]
 
     def snapshot(
-        self, meta: dict[str, Any], extra: Mapping[int, Sequence[pl.DataFrame]]
+        self, meta: dict[str, Any], extra: Mapping[int, Sequence[pa.Table]]
     ) -> bytes:
         """Return the store for a checkpoint, with `meta` and `extra` frames.
 
@@ -149,16 +148,14 @@ class FrameStore:
         self.store.close()
 
 
-def _encode(frame: pl.DataFrame) -> bytes:
-    table = frame.to_arrow()
+def _encode(frame: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
+    with pa.ipc.new_stream(sink, frame.schema) as writer:
+        writer.write_table(frame)
     data: bytes = sink.getvalue().to_pybytes()
     return data
 
 
-def _decode(data: bytes) -> pl.DataFrame:
-    frame = pl.from_arrow(pa.ipc.open_stream(data).read_all())
-    assert isinstance(frame, pl.DataFrame)
+def _decode(data: bytes) -> pa.Table:
+    frame: pa.Table = pa.ipc.open_stream(data).read_all()
     return frame

@@ -45,11 +45,10 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import orjson
-import polars as pl
 import pyarrow as pa
 
 from dataflare.state.backends import (
@@ -58,6 +57,9 @@ from dataflare.state.backends import (
     create_backend,
     settings_of,
 )
+
+if TYPE_CHECKING:
+    import polars as pl
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -307,6 +309,8 @@ class RowCodec(Codec[tuple[Any, ...]]):
 
     def decode_frame(self, values: Sequence[bytes], schema: pl.Schema) -> pl.DataFrame:
         """Decode rows into a frame with `schema` (names and types, in order)."""
+        import polars as pl
+
         if not self._all_fixed or self._width > 64:
             return pl.DataFrame(
                 [self.decode(v) for v in values], schema=schema, orient="row"
@@ -351,6 +355,8 @@ def encode_key(*values: Any) -> bytes:
     becomes an integer, a str a string, a datetime a timestamp in
     microseconds.
     """
+    import polars as pl
+
     frame = pl.DataFrame({f"k{i}": [value] for i, value in enumerate(values)})
     return encode_keys(frame, frame.columns)[0]
 
@@ -368,6 +374,8 @@ def encode_keys(
     values form their own key, as in SQL's GROUP BY. Equal values of
     different types may differ (the integer 1 and the float 1.0 do).
     """
+    import polars as pl
+
     frame = data if isinstance(data, pl.DataFrame) else pl.from_arrow(data)
     assert isinstance(frame, pl.DataFrame)
     frame = frame.select(fields)
@@ -404,6 +412,8 @@ def physical(frame: pl.DataFrame) -> pl.DataFrame:
     Temporal fields become their integers, categorical fields text, and
     binary fields hex text.
     """
+    import polars as pl
+
     columns = []
     for name, dtype in frame.schema.items():
         column = pl.col(name)
@@ -419,6 +429,8 @@ def physical(frame: pl.DataFrame) -> pl.DataFrame:
 
 def from_physical(frame: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
     """Return a frame made by `physical` with the types of `schema` again."""
+    import polars as pl
+
     columns = []
     for name, dtype in schema.items():
         column = pl.col(name)
@@ -432,6 +444,8 @@ def from_physical(frame: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
 
 def row_kinds(schema: pl.Schema) -> list[str]:
     """Return the `RowCodec` kinds of a frame returned by `physical`."""
+    import polars as pl
+
     kinds = []
     for dtype in schema.values():
         if dtype.is_temporal() or dtype.is_signed_integer():

@@ -33,17 +33,27 @@ Semantics:
   that is when its event time is before that session's end.
 - Output records have the key fields, `window_start`, `window_end` and one
   field per aggregation. Their event time is `window_end` minus 1 µs.
+- Result types: `count` and `count_distinct` give `int64`; `sum` gives
+  `int64` over signed integers and booleans, `uint64` over unsigned
+  integers and `float64` over floats; `mean` and `percentile` give
+  `float64` over numbers; `min`, `max`, `first` and `last` keep the
+  field's type.
 
 State: the records of open windows wait in a pending buffer (the fields
 the window aggregates and their window start) until the watermark closes
 their windows, so a batch is only appended and each watermark step
-aggregates the closing windows in one query. Once the buffer contains
+aggregates the closing windows at once. Once the buffer contains
 `FLUSH_ROWS` records, the next batch first moves it into a `FrameStore`,
-one frame per window start. If every aggregation is decomposable (`count`,
-`sum`, `min`, `max`, `mean`, `first`, `last`), those frames hold partial
-results per key and window instead of records. With `count_distinct` or
-`percentile` they hold the records, so every aggregation is exact.
-Sessions keep their records in the frame store until they close. The frame
+one frame per window start.
+
+Tumbling and sliding windows whose aggregations all merge from parts
+(`count`, `sum`, `min`, `max`, `mean`, `first`, `last`) over numbers,
+booleans, text, dates or timestamps are computed with Arrow and NumPy
+(`dataflare.batch.group_by`): their frames hold partial results per key
+and window instead of records, and Polars is not loaded. Sessions,
+`count_distinct`, `percentile` and other field types keep the records in
+the frames and aggregate them with Polars when the window closes, so
+every aggregation is exact. The frame
 store, the buffer and the ends of emitted sessions are keyed state, saved
 in checkpoints.
 """
@@ -51,16 +61,18 @@ in checkpoints.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import itertools
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
+from dataflare.batch.group_by import group_by
 from dataflare.batch.numpy_arrays import from_numpy, to_numpy
 from dataflare.plugin.interface import (
     EVENT_TIME,
@@ -77,6 +89,9 @@ from dataflare.streaming.spec import Duration
 from dataflare.streaming.time import micros
 from dataflare.transforms.expressions import empty_batch, to_batch, to_polars
 
+if TYPE_CHECKING:
+    import polars as pl
+
 WINDOW_START = "window_start"
 WINDOW_END = "window_end"
 FLUSH_ROWS = 1 << 16
@@ -85,12 +100,13 @@ FLUSH_ROWS = 1 << 16
 _TS = "__ts"
 _WS = "__window"
 _END = "__end"
-_LAYOUT = 2  # version of the snapshot layout
+_LAYOUT = 3  # version of the snapshot layout
 # Frame store slots that are not window starts.
 _SESSION = MIN_TIME  # session records
 _PENDING = MAX_TIME  # the pending buffer, in snapshots only
 _CLOSED = MAX_TIME - 1  # ends of emitted sessions, in snapshots only
 _COMPACT_FRAMES = 8  # partial frames of a window that are merged into one
+_UTC = pa.timestamp("us", tz="UTC")
 
 AggregateFunction = Literal[
     "count",
@@ -103,17 +119,41 @@ AggregateFunction = Literal[
     "first",
     "last",
 ]
-FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
-RowsT = TypeVar("RowsT", pl.DataFrame, pa.RecordBatch)
-_EXACT_IN_INT64 = (
-    pl.Int8,
-    pl.Int16,
-    pl.Int32,
-    pl.Int64,
-    pl.UInt8,
-    pl.UInt16,
-    pl.UInt32,
-)
+
+
+def _is_number(dtype: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(dtype) or pa.types.is_floating(dtype))
+
+
+def _is_ordered(dtype: pa.DataType) -> bool:
+    """True for the types whose min, max, first and last Arrow groups by."""
+    return (
+        _is_number(dtype)
+        or pa.types.is_boolean(dtype)
+        or pa.types.is_string(dtype)
+        or pa.types.is_large_string(dtype)
+        or pa.types.is_timestamp(dtype)
+        or pa.types.is_date(dtype)
+    )
+
+
+def _sum_type(dtype: pa.DataType) -> pa.DataType | None:
+    """Return the type of a sum of `dtype` values, None if not a number."""
+    if pa.types.is_signed_integer(dtype) or pa.types.is_boolean(dtype):
+        return pa.int64()
+    if pa.types.is_unsigned_integer(dtype):
+        return pa.uint64()
+    if pa.types.is_floating(dtype):
+        return pa.float64()
+    return None
+
+
+def _mean_sum_type(dtype: pa.DataType) -> pa.DataType:
+    """Return the type that `mean` sums `dtype` values in: exact for integers."""
+    exact = pa.types.is_boolean(dtype) or (
+        pa.types.is_integer(dtype) and dtype != pa.uint64()
+    )
+    return pa.int64() if exact else pa.float64()
 
 
 class Aggregation(PluginConfig):
@@ -138,11 +178,35 @@ class Aggregation(PluginConfig):
         """True when results of parts of a window merge into the window's."""
         return self.fn not in ("count_distinct", "percentile")
 
-    def expr(self, name: str) -> pl.Expr:
-        """Return the expression that aggregates records into the result."""
+    def result_type(self, dtype: pa.DataType | None) -> pa.DataType | None:
+        """Return the result's type over a field of `dtype`.
+
+        None means the type is whatever Polars gives, for the field types
+        the rules in the module's docstring leave out.
+        """
+        if self.fn in ("count", "count_distinct"):
+            return pa.int64()
+        assert dtype is not None
+        if self.fn == "sum":
+            return _sum_type(dtype)
+        if self.fn in ("mean", "percentile"):
+            return pa.float64() if _is_number(dtype) else None
+        return dtype if _is_ordered(dtype) else None
+
+    def expr(self, name: str, dtype: pa.DataType | None) -> pl.Expr:
+        """Return the Polars expression that aggregates records into the result.
+
+        `dtype` is the result's type (`result_type`), or None.
+        """
+        import polars as pl
+
+        from dataflare.transforms.expressions import polars_dtype
+
         if self.field is None:
             return pl.len().cast(pl.Int64).alias(name)
         column = pl.col(self.field)
+        if self.fn == "sum" and dtype is not None:
+            column = column.cast(polars_dtype(dtype))
         exprs = {
             "count": column.count().cast(pl.Int64),
             # SQL semantics: the sum of no values is null, not 0.
@@ -158,69 +222,83 @@ class Aggregation(PluginConfig):
             return column.quantile(self.q or 0.0, interpolation="linear").alias(name)
         return exprs[self.fn].alias(name)
 
-    def partial_exprs(self, name: str, dtype: pl.DataType | None) -> list[pl.Expr]:
-        """Return the expressions that aggregate records into partial results.
 
-        `dtype` is the field's type. `mean` sums integers as `Int64`, so that
-        the sum is exact, and other numbers as `Float64`.
-        """
-        count, value = _partial_names(name)
-        if self.field is None:
-            return [pl.len().cast(pl.Int64).alias(count)]
-        column = pl.col(self.field)
-        counted = column.count().cast(pl.Int64).alias(count)
-        if self.fn == "count":
-            return [counted]
-        if self.fn == "mean":
-            exact = dtype is not None and (
-                dtype in _EXACT_IN_INT64 or dtype == pl.Boolean
+@dataclasses.dataclass
+class _Partials:
+    """How Arrow aggregates records into partial results and merges them.
+
+    Each distinct (column, function) pair is aggregated once, into one
+    partial column; an aggregation reads a count column `n` and a value
+    column `v` of them.
+    """
+
+    keys: list[str]
+    casts: dict[str, tuple[str, pa.DataType]] = dataclasses.field(default_factory=dict)
+    """Derived input columns: name to (field, type it is cast to)."""
+    specs: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    """(input column, Arrow function) to partial column."""
+    reads: dict[str, tuple[str | None, str | None]] = dataclasses.field(
+        default_factory=dict
+    )
+    """Aggregation name to its partial columns (n, v)."""
+
+    def add(self, name: str, agg: Aggregation, dtype: pa.DataType | None) -> None:
+        n = v = None
+        if agg.field is None:
+            n = self._spec("", "count_all")
+        elif agg.fn == "count":
+            n = self._spec(agg.field, "count")
+        elif agg.fn in ("sum", "mean"):
+            assert dtype is not None
+            target = _sum_type(dtype) if agg.fn == "sum" else _mean_sum_type(dtype)
+            assert target is not None
+            column = agg.field
+            if target != dtype:
+                column = f"__{agg.field}:{target}"
+                self.casts[column] = (agg.field, target)
+            n, v = self._spec(agg.field, "count"), self._spec(column, "sum")
+        else:
+            v = self._spec(agg.field, agg.fn)
+        self.reads[name] = (n, v)
+
+    def _spec(self, column: str, fn: str) -> str:
+        return self.specs.setdefault((column, fn), f"__p{len(self.specs)}")
+
+    def partial(self, rows: pa.Table) -> pa.Table:
+        """Aggregate records into partial results per key and window."""
+        for name, (source, dtype) in self.casts.items():
+            rows = rows.append_column(name, rows.column(source).cast(dtype))
+        aggregations = {
+            partial: (None if fn == "count_all" else column, fn)
+            for (column, fn), partial in self.specs.items()
+        }
+        return group_by(rows, self.keys, aggregations)
+
+    def merge(self, parts: Sequence[pa.Table]) -> pa.Table:
+        """Merge partial results per key and window, in arrival order."""
+        merges = {"count": "sum", "count_all": "sum"}
+        aggregations = {
+            partial: (partial, merges.get(fn, fn))
+            for (_, fn), partial in self.specs.items()
+        }
+        return group_by(pa.concat_tables(parts), self.keys, aggregations)
+
+    def result(self, merged: pa.Table, name: str, agg: Aggregation) -> pa.ChunkedArray:
+        """Return the result of aggregation `name` from merged partial results."""
+        n, v = self.reads[name]
+        if agg.fn == "count":
+            assert n is not None
+            return merged.column(n)
+        assert v is not None
+        if agg.fn == "mean":
+            # The sum is null exactly when the count is 0, so is the mean.
+            assert n is not None
+            total = merged.column(v).cast(pa.float64())
+            result: pa.ChunkedArray = pc.divide(
+                total, merged.column(n).cast(pa.float64())
             )
-            column = column.cast(pl.Int64 if exact else pl.Float64)
-        if self.fn in ("sum", "mean"):
-            return [counted, column.sum().alias(value)]
-        reduced = {
-            "min": column.min(),
-            "max": column.max(),
-            "first": column.first(),
-            "last": column.last(),
-        }
-        return [reduced[self.fn].alias(value)]
-
-    def merge_exprs(self, name: str) -> list[pl.Expr]:
-        """Return the expressions that merge partial results, in arrival order."""
-        count, value = (pl.col(n) for n in _partial_names(name))
-        if self.fn == "count":
-            return [count.sum()]
-        if self.fn in ("sum", "mean"):
-            return [count.sum(), value.sum()]
-        merged = {
-            "min": value.min(),
-            "max": value.max(),
-            "first": value.first(),
-            "last": value.last(),
-        }
-        return [merged[self.fn]]
-
-    def final_expr(self, name: str) -> pl.Expr:
-        """Return the expression that turns merged partial results into the result."""
-        count, value = (pl.col(n) for n in _partial_names(name))
-        if self.fn == "count":
-            return count.alias(name)
-        if self.fn == "sum":
-            return pl.when(count > 0).then(value).alias(name)
-        if self.fn == "mean":
-            return pl.when(count > 0).then(value / count).alias(name)
-        return value.alias(name)
-
-
-def _frame(table: pa.Table) -> pl.DataFrame:
-    frame = pl.from_arrow(table)
-    assert isinstance(frame, pl.DataFrame)
-    return frame
-
-
-def _partial_names(name: str) -> tuple[str, str]:
-    return f"__{name}:n", f"__{name}:v"
+            return result
+        return merged.column(v)
 
 
 class WindowConfig(PluginConfig):
@@ -304,18 +382,57 @@ class WindowTransform(Transform[WindowConfig]):
         self._input_schema = schema
         fields = [schema.field(name) for name in self._fields()]
         self._pending_schema = pa.schema([*fields, pa.field(_WS, pa.int64())])
-        empty = to_polars(empty_batch(schema))
-        rows = empty.select(self._fields()).with_columns(pl.lit(0, pl.Int64).alias(_WS))
-        exprs = [agg.expr(name) for name, agg in self.config.aggregations.items()]
-        results = rows.group_by([*self.config.key_by, _WS]).agg(exprs)
-        self._types = {name: results.schema[name] for name in self.config.aggregations}
-        self._partials: list[pl.Expr] = []
-        if self._decomposable:
-            for name, agg in self.config.aggregations.items():
-                dtype = empty.schema[agg.field] if agg.field else None
-                self._partials += agg.partial_exprs(name, dtype)
-        bounds = self._with_bounds(results, pl.col(_WS), pl.col(_WS) + self._size)
-        return to_batch(bounds).schema
+        aggregations = self.config.aggregations
+        field_types = {
+            name: schema.field(agg.field).type if agg.field else None
+            for name, agg in aggregations.items()
+        }
+        types = {
+            name: agg.result_type(field_types[name])
+            for name, agg in aggregations.items()
+        }
+        self._partials: _Partials | None = None
+        if (
+            self.config.kind != "session"
+            and all(agg.decomposable for agg in aggregations.values())
+            and all(dtype is not None for dtype in types.values())
+        ):
+            self._partials = _Partials([*self.config.key_by, _WS])
+            for name, agg in aggregations.items():
+                self._partials.add(name, agg, field_types[name])
+        else:
+            types = self._polars_types(schema, types)
+        self._types = types
+        self._output = pa.schema(
+            [
+                *(schema.field(key) for key in self.config.key_by),
+                pa.field(WINDOW_START, _UTC),
+                pa.field(WINDOW_END, _UTC),
+                *(pa.field(name, dtype) for name, dtype in types.items()),
+                pa.field(EVENT_TIME, _UTC),
+            ]
+        )
+        return self._output
+
+    def _polars_types(
+        self, schema: pa.Schema, types: dict[str, pa.DataType | None]
+    ) -> dict[str, pa.DataType | None]:
+        """Fill in the result types that Polars decides."""
+        if all(dtype is not None for dtype in types.values()):
+            return types
+        import polars as pl
+
+        rows = to_polars(empty_batch(schema)).select(self._fields())
+        rows = rows.with_columns(pl.lit(0, pl.Int64).alias(_WS))
+        exprs = [
+            agg.expr(name, types[name])
+            for name, agg in self.config.aggregations.items()
+        ]
+        results = to_batch(rows.group_by([*self.config.key_by, _WS]).agg(exprs))
+        return {
+            name: dtype if dtype is not None else results.schema.field(name).type
+            for name, dtype in types.items()
+        }
 
     def side_outputs(self, inputs: Sequence[pa.Schema]) -> dict[str, pa.Schema]:
         return {"late": inputs[0]}
@@ -334,9 +451,6 @@ class WindowTransform(Transform[WindowConfig]):
         self._gap = micros(config.gap.total_seconds()) if config.gap else 0
         self._lateness = micros(config.allowed_lateness.total_seconds())
         self._watermark = MIN_TIME
-        self._decomposable = all(
-            agg.decomposable for agg in config.aggregations.values()
-        )
         self._input_schema = None
         # Records not yet split per window, oldest first (tumbling, sliding):
         # the fields the window aggregates and `_WS`, their window start.
@@ -387,8 +501,11 @@ class WindowTransform(Transform[WindowConfig]):
         closes = self._size + self._lateness
         if len(starts) and (starts.min() + closes <= self._watermark or missing.any()):
             # A record without event time belongs to no window, so it is late.
-            late = missing | (starts + closes <= self._watermark)
-            rows = self._drop_late(batch, rows, late)
+            kept = self._drop_late(
+                batch, missing | (starts + closes <= self._watermark)
+            )
+            if kept is not None:
+                rows = rows.filter(kept)
 
         if self._slide != self._size and rows.num_rows:
             rows = self._explode(rows, closes)
@@ -407,23 +524,20 @@ class WindowTransform(Transform[WindowConfig]):
         exploded = rows.drop_columns([_WS]).take(from_numpy(index[kept]))
         return exploded.append_column(_WS, from_numpy(starts[kept]))
 
-    def _drop_late(self, batch: pa.RecordBatch, rows: RowsT, late: Any) -> RowsT:
-        """Send the `late` records of `batch` to the side output, return the rest.
+    def _drop_late(self, batch: pa.RecordBatch, late: np.ndarray) -> pa.Array | None:
+        """Send the `late` records of `batch` to the side output.
 
-        `late` is a boolean NumPy array or Polars series, one value per record.
+        `late` holds one boolean per record. Returns the mask of the records
+        to keep, or None when none is late.
         """
-        if isinstance(late, pl.Series):
-            late = late.fill_null(False).to_numpy()
+        if not late.any():
+            return None
         mask = from_numpy(late)
-        if not pc.any(mask).as_py():
-            return rows
         late_batch = batch.filter(mask)
         self.context.count("late", late_batch.num_rows)
         self.context.emit_side("late", late_batch)
-        kept = pc.invert(mask)
-        if isinstance(rows, pl.DataFrame):
-            return rows.filter(pl.Series(kept))
-        return rows.filter(kept)
+        kept: pa.Array = pc.invert(mask)
+        return kept
 
     def _add_pending(self, rows: pa.Table) -> None:
         if self._pending_rows >= FLUSH_ROWS:
@@ -443,33 +557,18 @@ class WindowTransform(Transform[WindowConfig]):
         """Move the pending records into the frame store, one frame per window."""
         if not self._pending:
             return
-        rows = _frame(self._pending_table())
+        rows = self._pending_table()
         self._pending, self._pending_rows, self._pending_min = [], 0, None
-        keys = [*self.config.key_by, _WS]
-        if self._decomposable:
-            rows = rows.group_by(keys, maintain_order=True).agg(self._partials)
-        parts = rows.partition_by(_WS, maintain_order=True)
-        starts = [int(part[_WS][0]) for part in parts]
-        self._frames.add(zip(starts, parts, strict=True))
-        if not self._decomposable:
+        if self._partials is not None:
+            rows = self._partials.partial(rows)
+        parts = _split(rows)
+        self._frames.add(parts)
+        if self._partials is None:
             return
-        for start in starts:
+        for start, _ in parts:
             if self._frames.slots.get(start, 0) >= _COMPACT_FRAMES:
-                merged = self._merge(self._frames.pop(start))
+                merged = self._partials.merge(self._frames.pop(start))
                 self._frames.add([(start, merged)])
-
-    def _merge(self, partials: Sequence[FrameT]) -> FrameT:
-        """Merge partial results per key and window, keeping arrival order."""
-        keys = [*self.config.key_by, _WS]
-        exprs = [
-            expr
-            for name, agg in self.config.aggregations.items()
-            for expr in agg.merge_exprs(name)
-        ]
-        merged: FrameT = (
-            pl.concat(partials).group_by(keys, maintain_order=True).agg(exprs)
-        )
-        return merged
 
     def on_watermark(self, watermark: int) -> list[pa.RecordBatch]:
         self._watermark = watermark
@@ -483,20 +582,22 @@ class WindowTransform(Transform[WindowConfig]):
         take = self._pending_min is not None and self._pending_min <= last
         if not starts and not take:
             return []
-        stored = [frame for start in starts for frame in self._frames.pop(start)]
-        if not take:
-            out = self._aggregate(stored, None).collect(engine="in-memory")
-            return [to_batch(out)]
-
-        table = self._pending_table()
-        closing = to_numpy(table.column(_WS)) <= last
-        rest = table.filter(from_numpy(~closing)).combine_chunks()
-        self._pending = [rest] if rest.num_rows else []
-        self._pending_rows = rest.num_rows
-        self._pending_min = pc.min(rest.column(_WS)).as_py()
-        ready = _frame(table.filter(from_numpy(closing))).lazy()
-        out = self._aggregate(stored, ready).collect(engine="in-memory")
-        return [to_batch(out)]
+        parts = [frame for start in starts for frame in self._frames.pop(start)]
+        if take:
+            table = self._pending_table()
+            closing = to_numpy(table.column(_WS)) <= last
+            rest = table.filter(from_numpy(~closing)).combine_chunks()
+            self._pending = [rest] if rest.num_rows else []
+            self._pending_rows = rest.num_rows
+            self._pending_min = pc.min(rest.column(_WS)).as_py()
+            ready = table.filter(from_numpy(closing))
+            if self._partials is not None:
+                ready = self._partials.partial(ready)
+            parts.append(ready)
+        if self._partials is None:
+            return [self._aggregate_records(parts)]
+        merged = self._partials.merge(parts) if len(parts) > 1 else parts[0]
+        return [self._results(merged)]
 
     def finish(self) -> list[pa.RecordBatch]:
         return self.on_watermark(MAX_TIME)
@@ -513,9 +614,9 @@ class WindowTransform(Transform[WindowConfig]):
         if self._input_schema is not None:
             data = self._input_schema.serialize().to_pybytes()
             meta["input_schema"] = base64.b64encode(data).decode()
-        extra = {_PENDING: [_frame(table) for table in self._pending]}
+        extra = {_PENDING: list(self._pending)}
         if self._closed is not None:
-            extra[_CLOSED] = [self._closed]
+            extra[_CLOSED] = [self._closed.to_arrow()]
         return self._frames.snapshot(meta, extra)
 
     def restore_state(self, state: bytes) -> None:
@@ -533,62 +634,74 @@ class WindowTransform(Transform[WindowConfig]):
             self._set_input(pa.ipc.read_schema(pa.py_buffer(data)))
         self._pending, self._pending_rows, self._pending_min = [], 0, None
         for frame in self._frames.pop(_PENDING):
-            self._add_pending(frame.to_arrow().cast(self._pending_schema))
+            self._add_pending(frame.cast(self._pending_schema))
         closed = self._frames.pop(_CLOSED)
-        self._closed = closed[0] if closed else None
+        self._closed = None
+        if closed:
+            import polars as pl
+
+            self._closed = pl.DataFrame(closed[0])
         self._closed_expiry = MIN_TIME  # recompute it at the next watermark
 
     # --- aggregation ---
 
-    def _aggregate(
-        self, stored: list[pl.DataFrame], ready: pl.LazyFrame | None
-    ) -> pl.LazyFrame:
-        """Return the query that aggregates the closing windows.
+    def _results(self, merged: pa.Table) -> pa.RecordBatch:
+        """Return the output records of closing windows from merged partials."""
+        assert self._partials is not None
+        keys = self.config.key_by
+        order = pc.sort_indices(
+            merged,
+            sort_keys=[(name, "ascending", "at_start") for name in [_WS, *keys]],
+        )
+        merged = merged.take(order)
+        start, end, event_time = _bounds(merged.column(_WS), self._size)
+        results = [
+            self._partials.result(merged, name, agg)
+            for name, agg in self.config.aggregations.items()
+        ]
+        columns = [*(merged.column(key) for key in keys), start, end, *results]
+        table = pa.Table.from_arrays([*columns, event_time], schema=self._output)
+        return _one_batch(table, self._output)
 
-        `stored` are their frames from the frame store, which hold partial
-        results if every aggregation is decomposable, else records. `ready`
-        are their pending records.
-        """
+    def _aggregate_records(self, parts: list[pa.Table]) -> pa.RecordBatch:
+        """Aggregate the records of closing windows with Polars."""
+        import polars as pl
+
         keys = [*self.config.key_by, _WS]
-        aggregations = self.config.aggregations.items()
-        parts = [frame.lazy() for frame in stored]
-        if not self._decomposable:
-            rows = pl.concat([*parts, *([ready] if ready is not None else [])])
-            out = rows.group_by(keys).agg([agg.expr(n) for n, agg in aggregations])
-        else:
-            if ready is not None:
-                partial = ready.group_by(keys, maintain_order=True).agg(self._partials)
-                parts.append(partial)
-            merged = self._merge(parts) if len(parts) > 1 else parts[0]
-            out = merged.select(
-                [*keys, *(agg.final_expr(name) for name, agg in aggregations)]
-            )
-            out = out.cast(self._types)  # type: ignore[arg-type]
-        out = out.sort([_WS, *self.config.key_by])
+        rows = pl.DataFrame(pa.concat_tables(parts, promote_options="permissive"))
+        exprs = [
+            agg.expr(name, self._types[name])
+            for name, agg in self.config.aggregations.items()
+        ]
+        out = rows.group_by(keys).agg(exprs).sort([_WS, *self.config.key_by])
         return self._with_bounds(out, pl.col(_WS), pl.col(_WS) + self._size)
 
-    def _with_bounds(self, df: FrameT, start: pl.Expr, end: pl.Expr) -> FrameT:
+    def _with_bounds(
+        self, df: pl.DataFrame, start: pl.Expr, end: pl.Expr
+    ) -> pa.RecordBatch:
+        """Return `df`'s results with window bounds, as output records."""
+        import polars as pl
+
         utc = pl.Datetime("us", "UTC")
-        names = [
-            *self.config.key_by,
-            WINDOW_START,
-            WINDOW_END,
-            *self.config.aggregations,
-            EVENT_TIME,
-        ]
-        return df.with_columns(
+        out = df.with_columns(
             start.cast(utc).alias(WINDOW_START),
             end.cast(utc).alias(WINDOW_END),
             (end - 1).cast(utc).alias(EVENT_TIME),
-        ).select(names)
+        ).select(self._output.names)
+        return to_batch(out).cast(self._output)
 
     # --- sessions ---
 
     def _process_session(self, batch: pa.RecordBatch) -> None:
+        import polars as pl
+
         df = to_polars(batch.select([*self._fields(), EVENT_TIME]))
         ts = pl.col(EVENT_TIME).dt.epoch("us")
         rows = df.select([*self._fields(), ts.alias(_TS)])
-        rows = self._drop_late(batch, rows, self._session_late(rows))
+        late = self._session_late(rows).fill_null(False).to_numpy()
+        kept = self._drop_late(batch, late)
+        if kept is not None:
+            rows = rows.filter(pl.Series(kept))
         if rows.height:
             self._buffer_session(rows)
 
@@ -615,9 +728,11 @@ class WindowTransform(Transform[WindowConfig]):
             self._session_min is None or low < self._session_min
         ):
             self._session_min = low
-        self._frames.add([(_SESSION, rows)])
+        self._frames.add([(_SESSION, rows.to_arrow())])
 
     def _fire_sessions(self, watermark: int) -> list[pa.RecordBatch]:
+        import polars as pl
+
         self._forget_closed(watermark)
         if _SESSION not in self._frames.slots:
             return []
@@ -631,7 +746,10 @@ class WindowTransform(Transform[WindowConfig]):
         # still open ones again as one frame, so a key with a long session is
         # read again at every firing until its session closes.
         self._session_min = None
-        rows = pl.concat(self._frames.pop(_SESSION))
+        buffered = pa.concat_tables(
+            self._frames.pop(_SESSION), promote_options="permissive"
+        )
+        rows = pl.DataFrame(buffered)
         # A stable sort, so that records with equal event times keep their
         # arrival order for `first` and `last`.
         rows = rows.sort([*self.config.key_by, _TS], maintain_order=True)
@@ -650,16 +768,21 @@ class WindowTransform(Transform[WindowConfig]):
         if not done.height:
             return []
 
-        aggs = [agg.expr(name) for name, agg in self.config.aggregations.items()]
+        aggs = [
+            agg.expr(name, self._types[name])
+            for name, agg in self.config.aggregations.items()
+        ]
         out = done.group_by([*keys, _WS], maintain_order=True).agg(
             [*aggs, pl.col(_TS).min().alias("__start"), pl.col(_END).first()]
         )
         self._remember_closed(out.select([*keys, _END]), watermark)
         out = out.sort(["__start", *keys])
-        return [to_batch(self._with_bounds(out, pl.col("__start"), pl.col(_END)))]
+        return [self._with_bounds(out, pl.col("__start"), pl.col(_END))]
 
     def _remember_closed(self, ends: pl.DataFrame, watermark: int) -> None:
         """Keep the end of each key's last emitted session, for `_session_late`."""
+        import polars as pl
+
         if self._closed is not None:
             ends = pl.concat([self._closed, ends])
         keys = self.config.key_by
@@ -676,6 +799,8 @@ class WindowTransform(Transform[WindowConfig]):
         """
         if self._closed is None or watermark < self._closed_expiry:
             return
+        import polars as pl
+
         keep = pl.col(_END) + (self._gap + self._lateness) > watermark
         self._closed = self._closed.filter(keep)
         self._closed_expiry = MAX_TIME
@@ -685,3 +810,35 @@ class WindowTransform(Transform[WindowConfig]):
         earliest = self._closed[_END].min()
         assert isinstance(earliest, int)
         self._closed_expiry = earliest + self._gap + self._lateness
+
+
+def _split(rows: pa.Table) -> list[tuple[int, pa.Table]]:
+    """Split `rows` per window start, keeping the arrival order in each part."""
+    starts = to_numpy(rows.column(_WS))
+    order = np.argsort(starts, kind="stable")
+    ordered = starts[order]
+    cuts = [0, *(np.flatnonzero(np.diff(ordered)) + 1).tolist(), len(ordered)]
+    return [
+        (int(ordered[low]), rows.take(from_numpy(order[low:high])))
+        for low, high in itertools.pairwise(cuts)
+        if high > low
+    ]
+
+
+def _bounds(starts: pa.ChunkedArray, size: int) -> list[pa.Array]:
+    """Return window start, window end and event time for window `starts`.
+
+    NumPy adds, because Arrow's `add` converts the Python integer with
+    `pa.scalar`, which imports pandas.
+    """
+    values = to_numpy(starts)
+    return [
+        from_numpy(values).cast(_UTC),
+        from_numpy(values + size).cast(_UTC),
+        from_numpy(values + (size - 1)).cast(_UTC),
+    ]
+
+
+def _one_batch(table: pa.Table, schema: pa.Schema) -> pa.RecordBatch:
+    batches = table.combine_chunks().to_batches() if table.num_rows else []
+    return batches[0] if batches else empty_batch(schema)
