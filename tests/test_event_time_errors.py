@@ -108,3 +108,47 @@ def test_bad_and_good_times_in_one_batch(tmp_path: Path) -> None:
             "missing event time: field 'at' is empty or absent",
         ),
     ]
+
+
+def test_timestamp_field_without_value_is_rejected(tmp_path: Path) -> None:
+    """A field read as a timestamp is cast, not parsed; a missing value is named."""
+    path = tmp_path / "in.jsonl"
+    write_lines(
+        path,
+        [
+            {"k": "a", "at": "2024-03-01T10:00:00+02:00"},
+            {"k": "b", "at": None},
+            {"k": "c"},
+            {"k": "d", "at": "2024-03-01T09:00:00.5Z"},
+        ],
+    )
+    p = Pipeline("times")
+    src = p.source(
+        "src",
+        "jsonl",
+        path=str(path),
+        schema={"k": "string", "at": "timestamp"},
+        event_time={"field": "at"},
+    )
+    hourly = p.transform(
+        "hourly",
+        "window",
+        [src],
+        size="1h",
+        aggregations={"k": {"fn": "first", "field": "k"}},
+    )
+    p.destination("out", "memory", [hourly])
+    dead = tmp_path / "dead.jsonl"
+    p.errors(dead_letter={"path": str(dead)})
+
+    summary = p.run()
+
+    out = summary.output("out").to_pylist()
+    assert [(r["k"], r["window_start"].isoformat()) for r in out] == [
+        ("a", "2024-03-01T08:00:00+00:00"),
+        ("d", "2024-03-01T09:00:00+00:00"),
+    ]
+    rejected = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert [(r["record"]["k"], r["reason"]) for r in rejected] == [
+        (k, "missing event time: field 'at' is empty or absent") for k in "bc"
+    ]

@@ -4,8 +4,11 @@ Times inside the engine are integers: microseconds since the Unix epoch, UTC.
 The event time of each record sits in the reserved `_event_time` column as
 `timestamp[us, tz=UTC]`.
 
-Polars converts the event times. It is imported only by the functions that
-use it, so that a pipeline without event time does not load it.
+A timestamp field in microseconds or coarser, with a zone or read as UTC,
+is converted with an Arrow cast. Polars converts the
+other event times (text, numbers, dates, expressions); it is imported only
+by the functions that use it, so that a pipeline that needs none of them
+does not load it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dataflare.batch.numpy_arrays import to_numpy
 from dataflare.plugin.interface import EVENT_TIME, FieldNotFoundError
 from dataflare.streaming.spec import EventTimeSpec, WatermarkSpec
 
@@ -44,15 +48,20 @@ class EventTimeExtractor:
     """Adds `_event_time` to batches according to a source's `event_time`."""
 
     def __init__(self, spec: EventTimeSpec, schema: pa.Schema) -> None:
-        import polars as pl
-
         self.spec = spec
         self.fields = list(schema.names)
+        self._cast = False
         if spec.field is not None:
             if spec.field not in self.fields:
                 raise FieldNotFoundError(
                     spec.field, self.fields, where="event_time.field"
                 )
+            self._cast = _casts_exactly(schema.field(spec.field).type, spec.timezone)
+            if self._cast:
+                return
+        import polars as pl
+
+        if spec.field is not None:
             self._source = pl.col(spec.field)
             self._described = f"field {spec.field!r}"
         else:
@@ -123,6 +132,8 @@ class EventTimeExtractor:
         return schema.append(pa.field(EVENT_TIME, EVENT_TIME_TYPE))
 
     def apply(self, batch: pa.RecordBatch) -> Extracted:
+        if self._cast:
+            return self._apply_cast(batch)
         import polars as pl
 
         df = pl.from_arrow(batch)
@@ -150,6 +161,19 @@ class EventTimeExtractor:
         reasons = [self._reason(df, int(i)) for i in bad] if len(bad) else []
         return Extracted(out, bad, reasons)
 
+    def _apply_cast(self, batch: pa.RecordBatch) -> Extracted:
+        """Return `batch` with event times cast from a timestamp field."""
+        assert self.spec.field is not None
+        times = batch.column(self.spec.field).cast(EVENT_TIME_TYPE)
+        if EVENT_TIME in batch.schema.names:
+            batch = batch.drop_columns([EVENT_TIME])
+        out = batch.append_column(pa.field(EVENT_TIME, EVENT_TIME_TYPE), times)
+        if not times.null_count:
+            return Extracted(out, np.empty(0, np.int64), [])
+        bad = np.flatnonzero(to_numpy(times.is_null()))
+        reason = f"missing event time: field {self.spec.field!r} is empty or absent"
+        return Extracted(out, bad, [reason] * len(bad))
+
     def _one(self, df: pl.DataFrame, row: int) -> object:
         import polars as pl
 
@@ -171,6 +195,19 @@ class EventTimeExtractor:
                 f"does not match format {fmt!r}"
             )
         return f"missing event time: expression {self.spec.expression!r} gave no value"
+
+
+def _casts_exactly(dtype: pa.DataType, timezone: str) -> bool:
+    """True if an Arrow cast turns `dtype` values into event times exactly.
+
+    That is a timestamp in seconds, milliseconds or microseconds with a zone,
+    or without one when the event time's zone is UTC.
+    """
+    return (
+        pa.types.is_timestamp(dtype)
+        and dtype.unit in ("s", "ms", "us")
+        and (dtype.tz is not None or timezone == "UTC")
+    )
 
 
 def _parse_iso(strings: pl.Series, timezone: str) -> pl.Series:
