@@ -1053,7 +1053,9 @@ def test_small_and_large_batches_encode_alike() -> None:
     assert [orjson.loads(line) for line in whole.splitlines()] == expected
 
 
-def test_large_batches_use_orjson_until_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_batches_use_orjson_until_polars_is_loaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     count = 100
     batch = pa.RecordBatch.from_pydict(
         {
@@ -1074,14 +1076,14 @@ def test_large_batches_use_orjson_until_budget(monkeypatch: pytest.MonkeyPatch) 
         return encode_small(part)
 
     monkeypatch.setattr(jsonl_module, "_encode_small", counting)
-    monkeypatch.setattr(jsonl_module, "_polars_imported", lambda: False)
-    monkeypatch.setattr(jsonl_module, "_orjson_values", 0)
-    monkeypatch.setattr(jsonl_module, "_ORJSON_VALUES_BEFORE_POLARS", 1000)
+    imported = [False]
+    monkeypatch.setattr(jsonl_module, "_polars_imported", lambda: imported[0])
 
-    outputs = [encode_json_lines(batch) for _ in range(3)]
+    outputs = [encode_json_lines(batch) for _ in range(2)]
+    imported[0] = True
+    outputs.append(encode_json_lines(batch))
 
-    assert encoded_rows == [count, count]  # 800 values, then Polars
-    assert jsonl_module._orjson_values == 800
+    assert encoded_rows == [count, count]  # orjson until Polars is imported
     assert outputs == [by_polars] * 3
 
 

@@ -375,7 +375,7 @@ def test_simple_steps_run_without_pandas(tmp_path: Path) -> None:
     assert "pandas" not in loaded
 
 
-def test_window_run_loads_no_pandas(tmp_path: Path) -> None:
+def test_window_run_loads_neither_pandas_nor_polars(tmp_path: Path) -> None:
     data = tmp_path / "rows.jsonl"
     write_rows(data, 48)
     pipeline = tmp_path / "pipeline.yaml"
@@ -390,6 +390,7 @@ def test_window_run_loads_no_pandas(tmp_path: Path) -> None:
     assert [row["total"] for row in rows] == [2 * h + 24 for h in range(24)]
     assert [row["name"] for row in rows] == ["ab"[h % 2] for h in range(24)]
     assert "pandas" not in loaded
+    assert "polars" not in loaded
 
 
 def test_package_exports_resolve() -> None:

@@ -1131,18 +1131,6 @@ def _head_lines(path: Path, size: int = 1 << 20) -> Generator[bytes, None, None]
 _JSON_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
 _POLARS_MIN_ROWS = 64
 """Batches with fewer rows are encoded by orjson, whose fixed cost is lower."""
-_ORJSON_VALUES_BEFORE_POLARS = 100_000
-"""Values that orjson encodes in a process before Polars is imported to encode.
-
-Importing Polars after pyarrow takes about 0.14 s of CPU time, and on
-batches of 2,000 rows of five fields orjson takes about 0.6 µs per value
-more than Polars (Polars 2.1, orjson 3.13, 2-core AMD EPYC). So a run that
-writes up to 100,000 values saves most of the import, and a longer run
-spends at most about 0.06 s more before it switches to Polars. Either
-encoder writes the same bytes for the types that `_encode_small` takes.
-"""
-_orjson_values = 0
-"""Values encoded by orjson in batches of `_POLARS_MIN_ROWS` rows or more."""
 
 
 def encode_json_lines(batch: pa.RecordBatch) -> bytes:
@@ -1182,21 +1170,14 @@ def encode_json_lines(batch: pa.RecordBatch) -> bytes:
 def _orjson_first(batch: pa.RecordBatch) -> bool:
     """Return True if orjson should encode `batch`, whose types it writes as Polars.
 
-    That is for small batches, and for larger ones until the process has
-    encoded `_ORJSON_VALUES_BEFORE_POLARS` values while Polars is not
-    imported. Sinks on several threads may add to the count at once, which
-    only moves the switch to Polars by a batch.
+    That is for small batches, and for any batch while Polars is not
+    imported. On batches of 2,000 rows of five fields orjson takes about
+    0.6 µs per value more than Polars (Polars 2.1, orjson 3.13, 2-core AMD
+    EPYC), but importing Polars costs about 0.14 s of CPU time and 40 to
+    60 MB of resident memory, mostly the pages of its native library. So
+    the sink uses Polars only in a process that loaded it for other steps.
     """
-    global _orjson_values
-    if batch.num_rows < _POLARS_MIN_ROWS:
-        return True
-    if _polars_imported():
-        return False
-    values = batch.num_rows * batch.num_columns
-    if _orjson_values + values > _ORJSON_VALUES_BEFORE_POLARS:
-        return False
-    _orjson_values += values
-    return True
+    return batch.num_rows < _POLARS_MIN_ROWS or not _polars_imported()
 
 
 def _polars_imported() -> bool:
