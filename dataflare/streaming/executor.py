@@ -66,7 +66,7 @@ from dataflare.streaming.messages import (
 )
 from dataflare.streaming.metrics import LatencyRecorder, StepMetrics
 from dataflare.streaming.plan import PipelinePlan, StepPlan
-from dataflare.streaming.scheduler import TaskPool
+from dataflare.streaming.scheduler import TaskPool, reduce_timer_slack
 from dataflare.streaming.time import (
     MAX_TIME,
     MIN_TIME,
@@ -477,6 +477,7 @@ class Chain:
 
     def run(self) -> None:
         """Run the chain to its end on the calling thread."""
+        reduce_timer_slack()
         error: BaseException | None = None
         try:
             self._open()

