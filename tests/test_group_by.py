@@ -169,3 +169,15 @@ def test_grouping_loads_neither_acero_nor_pandas() -> None:
     )
 
     assert done.stdout.strip() == "[]"
+
+
+def test_float_keys_group_zeros_together_and_nans_together() -> None:
+    nan = float("nan")
+    rows = pa.table({"f": [0.0, -0.0, nan, None, -nan, 1.5, None]})
+
+    out = group_by(rows, ["f"], {"n": (None, "count_all")}).to_pylist()
+
+    assert [row["n"] for row in out] == [2, 2, 2, 1]
+    assert out[0]["f"] == 0.0
+    assert math.isnan(out[1]["f"])
+    assert [row["f"] for row in out[2:]] == [None, 1.5]

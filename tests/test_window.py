@@ -560,3 +560,18 @@ def test_decimal_sum_keeps_records_and_polars_type(tmp_path: Path) -> None:
     out = summary.output("out")
     assert out.column("s").to_pylist() == [Decimal("3.50"), Decimal("70.25")]
     assert pa.types.is_decimal(out.schema.field("s").type)
+
+
+@pytest.mark.parametrize(
+    "values", [[2**53 + 1], [2**63 - 1, 2**63 - 1], [-(2**63), -(2**63), 4]]
+)
+def test_mean_of_large_integers(tmp_path: Path, values: list[int]) -> None:
+    """Means past 2^53 and sums past int64 come out as the float mean."""
+    records = [{"t": at(0), "v": v} for v in values]
+
+    summary = window_pipeline(
+        records, tmp_path, aggregations={"m": {"fn": "mean", "field": "v"}}
+    ).run()
+
+    (mean,) = summary.output("out").column("m").to_pylist()
+    assert mean == pytest.approx(sum(values) / len(values), rel=1e-12)

@@ -55,10 +55,8 @@ class Groups:
         rows = table.num_rows
         code = np.zeros(rows, np.int64)
         for key in keys:
-            column = table.column(key).combine_chunks()
-            encoded = pc.dictionary_encode(column, null_encoding="encode")
-            indices = to_numpy(encoded.indices).astype(np.int64)
-            code = code * len(encoded.dictionary) + indices
+            indices, distinct = _key_codes(table.column(key).combine_chunks())
+            code = code * distinct + indices
             # Renumber densely, so that the next key's product stays small.
             code = np.unique(code, return_inverse=True)[1].reshape(-1)
         _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
@@ -72,6 +70,24 @@ class Groups:
         self.order: np.ndarray = np.argsort(self.ids, kind="stable")
         self.offsets: np.ndarray = np.cumsum(self.sizes) - self.sizes
         self.last: np.ndarray = self.order[self.offsets + self.sizes - 1]
+
+
+def _key_codes(column: pa.Array) -> tuple[np.ndarray, int]:
+    """Number the distinct values of a key column; return codes and count.
+
+    Nulls form one group. In float columns `-0.0` groups with `0.0`, and
+    every NaN with every other, as in SQL's GROUP BY.
+    """
+    if pa.types.is_floating(column.type):
+        values = to_numpy(column.cast(pa.float64()), null_value=0.0) + 0.0
+        values[np.isnan(values)] = np.nan
+        codes = np.unique(values, return_inverse=True, equal_nan=True)[1]
+        codes = codes.reshape(-1).astype(np.int64)
+        if column.null_count:
+            codes[to_numpy(column.is_null())] = -1
+        return codes + 1, int(codes.max(initial=-1)) + 2
+    encoded = pc.dictionary_encode(column, null_encoding="encode")
+    return to_numpy(encoded.indices).astype(np.int64), len(encoded.dictionary)
 
 
 def group_by(

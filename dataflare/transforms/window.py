@@ -241,6 +241,8 @@ class _Partials:
         default_factory=dict
     )
     """Aggregation name to its partial columns (n, v)."""
+    float_sums: dict[str, str] = dataclasses.field(default_factory=dict)
+    """For `mean` of integers, the partial column of the sum in float64."""
 
     def add(self, name: str, agg: Aggregation, dtype: pa.DataType | None) -> None:
         n = v = None
@@ -257,6 +259,11 @@ class _Partials:
                 column = f"__{agg.field}:{target}"
                 self.casts[column] = (agg.field, target)
             n, v = self._spec(agg.field, "count"), self._spec(column, "sum")
+            if agg.fn == "mean" and target == pa.int64():
+                # The exact sum may overflow int64; the float sum cannot.
+                column = f"__{agg.field}:{pa.float64()}"
+                self.casts[column] = (agg.field, pa.float64())
+                self.float_sums[name] = self._spec(column, "sum")
         else:
             v = self._spec(agg.field, agg.fn)
         self.reads[name] = (n, v)
@@ -267,7 +274,9 @@ class _Partials:
     def partial(self, rows: pa.Table) -> pa.Table:
         """Aggregate records into partial results per key and window."""
         for name, (source, dtype) in self.casts.items():
-            rows = rows.append_column(name, rows.column(source).cast(dtype))
+            # Widening, or to float64, where digits past 2^53 may go.
+            column = rows.column(source).cast(dtype, safe=False)
+            rows = rows.append_column(name, column)
         aggregations = {
             partial: (None if fn == "count_all" else column, fn)
             for (column, fn), partial in self.specs.items()
@@ -291,14 +300,30 @@ class _Partials:
             return merged.column(n)
         assert v is not None
         if agg.fn == "mean":
-            # The sum is null exactly when the count is 0, so is the mean.
             assert n is not None
-            total = merged.column(v).cast(pa.float64())
-            result: pa.ChunkedArray = pc.divide(
-                total, merged.column(n).cast(pa.float64())
-            )
-            return result
+            return _mean(merged, n, v, self.float_sums.get(name))
         return merged.column(v)
+
+
+def _mean(merged: pa.Table, n: str, v: str, float_sum: str | None) -> pa.Array:
+    """Return sum / count, null where the count is 0.
+
+    With `float_sum`, `v` is an exact int64 sum, used unless the float sum
+    shows that it overflowed. Values beyond 2^53 lose digits in the
+    division, as in SQL's `avg`.
+    """
+    nan = float("nan")
+    total = to_numpy(merged.column(v).cast(pa.float64(), safe=False), null_value=nan)
+    if float_sum is not None:
+        approximate = to_numpy(merged.column(float_sum), null_value=nan)
+        total = np.where(np.abs(approximate) < 2.0**62, total, approximate)
+    counts = to_numpy(merged.column(n)).astype(np.float64)
+    some = counts > 0
+    means = np.divide(total, counts, out=np.zeros_like(total), where=some)
+    result: pa.Array = pc.if_else(
+        from_numpy(some), from_numpy(means), pa.nulls(len(means), pa.float64())
+    )
+    return result
 
 
 class WindowConfig(PluginConfig):
