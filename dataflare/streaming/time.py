@@ -197,6 +197,8 @@ class EventTimeExtractor:
         return f"missing event time: expression {self.spec.expression!r} gave no value"
 
 
+# NOTE: sources read zone-less timestamp text as UTC, so `timezone` does not
+# apply to a field that a source's schema declares a timestamp.
 def _casts_exactly(dtype: pa.DataType, timezone: str) -> bool:
     """True if an Arrow cast turns `dtype` values into event times exactly.
 
