@@ -152,3 +152,37 @@ def test_timestamp_field_without_value_is_rejected(tmp_path: Path) -> None:
     assert [(r["record"]["k"], r["reason"]) for r in rejected] == [
         (k, "missing event time: field 'at' is empty or absent") for k in "bc"
     ]
+
+
+def test_iso_times_in_several_forms_in_one_batch(tmp_path: Path) -> None:
+    """Each value parses, whatever form the first value of its batch has."""
+    path = tmp_path / "in.jsonl"
+    times = [
+        "2024-05-01T10:00:00",
+        "2024-05-01T10:00:00Z",
+        "2024-05-01T12:00:00+02:00",
+        "2024-05-01T10:00:00.123456Z",
+        "garbage",
+    ]
+    write_lines(path, [{"k": str(i), "at": t, "pad": ""} for i, t in enumerate(times)])
+
+    written, rejected = run(path, tmp_path)
+
+    assert [row["k"] for row in written] == ["0", "1", "2", "3"]
+    assert [r["reason"] for r in rejected] == [reason("garbage")]
+
+
+def test_iso_times_in_several_forms_get_their_own_zones() -> None:
+    import polars as pl
+
+    from dataflare.streaming.time import _parse_iso
+
+    texts = ["2024-05-01T10:00:00", "2024-05-01T10:00:00Z", "2024-05-01T12:00+02:00"]
+
+    parsed = _parse_iso(pl.Series("at", texts), "Europe/Paris")
+
+    assert [t.isoformat() for t in parsed.to_list()] == [
+        "2024-05-01T08:00:00+00:00",  # no zone: Europe/Paris, UTC+2 in May
+        "2024-05-01T10:00:00+00:00",
+        "2024-05-01T10:00:00+00:00",
+    ]

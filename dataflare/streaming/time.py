@@ -231,7 +231,25 @@ def _parse_iso(strings: pl.Series, timezone: str) -> pl.Series:
             [parsed_values.get(value) for value in strings],
             dtype=pl.Datetime("us", "UTC"),
         )
-    return _normalise(parsed, timezone)
+    normalised = _normalise(parsed, timezone)
+    # Polars parses the whole batch with the format of its first value, so a
+    # value in another ISO 8601 form (with a zone where the first had none,
+    # say) comes back null: parse each such value alone.
+    failed = normalised.is_null() & strings.is_not_null()
+    if not failed.any():
+        return normalised
+    retried = {
+        value: _parse_one(value, timezone) for value in strings.filter(failed).unique()
+    }
+    fills = pl.Series(
+        strings.name,
+        [
+            retried.get(value) if bad else None
+            for value, bad in zip(strings, failed, strict=True)
+        ],
+        dtype=pl.Datetime("us", "UTC"),
+    )
+    return normalised.zip_with(~failed, fills)
 
 
 def _parse_one(value: str, timezone: str) -> object:
