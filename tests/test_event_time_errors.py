@@ -186,3 +186,37 @@ def test_iso_times_in_several_forms_get_their_own_zones() -> None:
         "2024-05-01T10:00:00+00:00",
         "2024-05-01T10:00:00+00:00",
     ]
+
+
+def test_timestamp_beyond_microseconds_is_rejected_alone(tmp_path: Path) -> None:
+    """A seconds timestamp too far for microseconds is dead-lettered, not fatal."""
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    path = tmp_path / "in.arrow"
+    seconds = pa.array([3600, 10**16, None, 7200], pa.timestamp("s", tz="UTC"))
+    feather.write_feather(pa.table({"k": ["a", "b", "c", "d"], "at": seconds}), path)
+    p = Pipeline("times")
+    src = p.source("src", "arrow", path=str(path), event_time={"field": "at"})
+    hourly = p.transform(
+        "hourly", "window", [src], size="1h", aggregations={"n": {"fn": "count"}}
+    )
+    p.destination("out", "memory", [hourly])
+    dead = tmp_path / "dead.jsonl"
+    p.errors(dead_letter={"path": str(dead)})
+
+    summary = p.run()
+
+    out = summary.output("out").to_pylist()
+    assert [(r["window_start"].hour, r["n"]) for r in out] == [(1, 1), (2, 1)]
+    rejected = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert [(r["record"]["k"], r["reason"]) for r in rejected] == [
+        (
+            "b",
+            "invalid event time: field 'at' is beyond the range of timestamps in "
+            "microseconds (about 292,000 years either side of 1970)",
+        ),
+        ("c", "missing event time: field 'at' is empty or absent"),
+    ]
+    # Python has no datetime that far out: the record keeps the seconds.
+    assert rejected[0]["record"]["at"] == 10**16

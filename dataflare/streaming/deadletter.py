@@ -41,7 +41,7 @@ class DeadLetterWriter:
         positions: Sequence[str | None] | None,
     ) -> int:
         rows = (
-            records.to_pylist()
+            _python_rows(records)
             if isinstance(records, pa.RecordBatch)
             else list(records)
         )
@@ -72,3 +72,28 @@ class DeadLetterWriter:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+def _python_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """Return the records as dicts, even with values Python cannot represent.
+
+    A timestamp or date beyond Python's years 1 to 9999 stays its stored
+    integer (units since 1970, in the column's unit), since Python has no
+    datetime for it and Arrow's text for it is not a valid time.
+    """
+    try:
+        rows: list[dict[str, Any]] = batch.to_pylist()
+        return rows
+    except (OverflowError, ValueError):
+        pass
+    columns = []
+    for column in batch.columns:
+        try:
+            columns.append(column.to_pylist())
+        except (OverflowError, ValueError):
+            stored = pa.int64() if column.type.bit_width == 64 else pa.int32()
+            columns.append(column.view(stored).to_pylist())
+    names = batch.schema.names
+    return [
+        dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)
+    ]

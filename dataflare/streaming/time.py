@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dataflare.batch.numpy_arrays import to_numpy
+from dataflare.batch.numpy_arrays import from_numpy, to_numpy
 from dataflare.plugin.interface import EVENT_TIME, FieldNotFoundError
 from dataflare.streaming.spec import EventTimeSpec, WatermarkSpec
 
@@ -163,16 +163,38 @@ class EventTimeExtractor:
 
     def _apply_cast(self, batch: pa.RecordBatch) -> Extracted:
         """Return `batch` with event times cast from a timestamp field."""
-        assert self.spec.field is not None
-        times = batch.column(self.spec.field).cast(EVENT_TIME_TYPE)
+        field = self.spec.field
+        assert field is not None
+        column = batch.column(field)
+        out_of_range = np.zeros(len(column), np.bool_)
+        try:
+            times = column.cast(EVENT_TIME_TYPE)
+        except pa.ArrowInvalid:
+            # Seconds or milliseconds beyond the range of microseconds.
+            scale = {"s": 1_000_000, "ms": 1_000}[column.type.unit]
+            raw = to_numpy(column.cast(pa.int64()), null_value=0)
+            out_of_range = np.abs(raw) > (2**63 - 1) // scale
+            micros = from_numpy(np.where(out_of_range, 0, raw) * scale)
+            usable = from_numpy(~out_of_range & ~to_numpy(column.is_null()))
+            times = pc.if_else(
+                usable,
+                micros.cast(EVENT_TIME_TYPE),
+                pa.nulls(len(raw), EVENT_TIME_TYPE),
+            )
         if EVENT_TIME in batch.schema.names:
             batch = batch.drop_columns([EVENT_TIME])
         out = batch.append_column(pa.field(EVENT_TIME, EVENT_TIME_TYPE), times)
         if not times.null_count:
             return Extracted(out, np.empty(0, np.int64), [])
         bad = np.flatnonzero(to_numpy(times.is_null()))
-        reason = f"missing event time: field {self.spec.field!r} is empty or absent"
-        return Extracted(out, bad, [reason] * len(bad))
+        missing = f"missing event time: field {field!r} is empty or absent"
+        beyond = (
+            f"invalid event time: field {field!r} is beyond the range of "
+            "timestamps in microseconds (about 292,000 years either side of 1970)"
+        )
+        return Extracted(
+            out, bad, [beyond if out_of_range[i] else missing for i in bad]
+        )
 
     def _one(self, df: pl.DataFrame, row: int) -> object:
         import polars as pl
