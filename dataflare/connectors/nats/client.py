@@ -45,14 +45,15 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     nats.errors.FlushTimeoutError,
     nats.errors.NoRespondersError,
     nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
     TimeoutError,
     ConnectionError,
 )
 """Errors after which an operation is tried again once NATS is back.
 
-`NoRespondersError` and `ServiceUnavailableError` are here because while a
-restarted server recovers its streams, JetStream requests find no responder
-for a moment.
+`NoRespondersError`, `ServiceUnavailableError` and `NoStreamResponseError`
+are here because while a restarted server recovers its streams, JetStream
+requests and publishes find no responder for a moment.
 """
 
 
