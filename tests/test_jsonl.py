@@ -1128,3 +1128,20 @@ def test_deeply_nested_line_rejected(
         assert reason.startswith("JSON nested deeper than the parser's limit")
     if depth > 100:
         assert record == "[" * depth + "]" * depth  # kept as its text
+
+
+def test_timestamps_after_year_9999_keep_their_date() -> None:
+    """Both encoders put the `T` after the date, whatever its length."""
+    micros = 253_402_300_800 * 1_000_000  # 10000-01-01T00:00:00Z
+    few = pa.RecordBatch.from_arrays(
+        [pa.array([micros], pa.timestamp("us", tz="UTC"))], names=["t"]
+    )
+    many = pa.RecordBatch.from_arrays(
+        [pa.array([micros] * 100, pa.timestamp("us", tz="UTC"))], names=["t"]
+    )
+
+    small = encode_json_lines(few)
+    large = encode_json_lines(many)  # Polars is loaded in this process
+
+    assert small == b'{"t":"10000-01-01T00:00:00.000000Z"}\n'
+    assert large == small * 100

@@ -1208,7 +1208,7 @@ def _timestamps_as_strings(values: pa.Array) -> list[str | None]:
     suffix = "" if values.type.tz is None else "Z"
     text = values.view(pa.timestamp(values.type.unit)).cast(pa.string())
     return [
-        None if value is None else f"{value[:10]}T{value[11:]}{suffix}"
+        None if value is None else f"{value.replace(' ', 'T', 1)}{suffix}"
         for value in text.to_pylist()
     ]
 
@@ -1261,7 +1261,8 @@ def timestamps_as_text(values: pa.Array) -> pa.Array:
     # A time-zone-aware timestamp stores UTC, so its values read as a naive
     # timestamp are the UTC wall time.
     text = values.view(pa.timestamp(unit)).cast(pa.string())  # "2024-05-01 10:00:00"
-    text = pc.utf8_replace_slice(text, start=10, stop=11, replacement="T")
+    # The date may have more than 10 characters (year 10000 on).
+    text = pc.replace_substring(text, pattern=" ", replacement="T", max_replacements=1)
     if values.type.tz is None:
         return text
     # Scalars built from buffers: `pa.scalar("Z")`, which a plain "Z" argument
