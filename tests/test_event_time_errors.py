@@ -154,7 +154,7 @@ def test_timestamp_field_without_value_is_rejected(tmp_path: Path) -> None:
     ]
 
 
-def test_iso_times_in_several_forms_in_one_batch(tmp_path: Path) -> None:
+def test_iso_mixed_forms_one_batch(tmp_path: Path) -> None:
     """Each value parses, whatever form the first value of its batch has."""
     path = tmp_path / "in.jsonl"
     times = [
@@ -172,7 +172,7 @@ def test_iso_times_in_several_forms_in_one_batch(tmp_path: Path) -> None:
     assert [r["reason"] for r in rejected] == [reason("garbage")]
 
 
-def test_iso_times_in_several_forms_get_their_own_zones() -> None:
+def test_parse_iso_mixed_zones() -> None:
     import polars as pl
 
     from dataflare.streaming.time import _parse_iso
@@ -188,7 +188,7 @@ def test_iso_times_in_several_forms_get_their_own_zones() -> None:
     ]
 
 
-def test_timestamp_beyond_microseconds_is_rejected_alone(tmp_path: Path) -> None:
+def test_timestamp_beyond_microseconds_rejected(tmp_path: Path) -> None:
     """A seconds timestamp too far for microseconds is dead-lettered, not fatal."""
     import pyarrow as pa
     import pyarrow.feather as feather

@@ -89,7 +89,7 @@ def test_matches_duckdb(seed: int) -> None:
         assert got["last_s"] == by_seq[last_seq]["s"]
 
 
-def test_sums_of_no_values_are_null_and_integer_sums_exact() -> None:
+def test_sum_null_and_exact() -> None:
     big = 2**62
     rows = pa.table(
         {
@@ -171,7 +171,7 @@ def test_grouping_loads_neither_acero_nor_pandas() -> None:
     assert done.stdout.strip() == "[]"
 
 
-def test_float_keys_group_zeros_together_and_nans_together() -> None:
+def test_float_keys_zeros_and_nans() -> None:
     nan = float("nan")
     rows = pa.table({"f": [0.0, -0.0, nan, None, -nan, 1.5, None]})
 

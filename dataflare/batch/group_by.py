@@ -18,7 +18,7 @@ Functions, over a column (`count_all` over none):
   sum in their own type, so pass `int64` or `uint64` values for exact
   sums (wrapping around on overflow, as NumPy does).
 - `min`, `max`: smallest and largest non-null value, null if there are
-  none. NaN counts only when the group holds nothing else.
+  none. NaN counts only when the group contains nothing else.
 - `first`, `last`: the value of the group's first or last record, even
   when it is null.
 """
@@ -54,11 +54,12 @@ class Groups:
     def __init__(self, table: pa.Table, keys: Sequence[str]) -> None:
         rows = table.num_rows
         code = np.zeros(rows, np.int64)
-        for key in keys:
+        for position, key in enumerate(keys):
             indices, distinct = _key_codes(table.column(key).combine_chunks())
             code = code * distinct + indices
-            # Renumber densely, so that the next key's product stays small.
-            code = np.unique(code, return_inverse=True)[1].reshape(-1)
+            if position < len(keys) - 1:
+                # Renumber densely, so that the next key's product stays small.
+                code = np.unique(code, return_inverse=True)[1].reshape(-1)
         _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
         by_first = np.argsort(first, kind="stable")
         rank = np.empty(len(first), np.int64)

@@ -165,27 +165,14 @@ class EventTimeExtractor:
         """Return `batch` with event times cast from a timestamp field."""
         field = self.spec.field
         assert field is not None
-        column = batch.column(field)
-        out_of_range = np.zeros(len(column), np.bool_)
-        try:
-            times = column.cast(EVENT_TIME_TYPE)
-        except pa.ArrowInvalid:
-            # Seconds or milliseconds beyond the range of microseconds.
-            scale = {"s": 1_000_000, "ms": 1_000}[column.type.unit]
-            raw = to_numpy(column.cast(pa.int64()), null_value=0)
-            out_of_range = np.abs(raw) > (2**63 - 1) // scale
-            micros = from_numpy(np.where(out_of_range, 0, raw) * scale)
-            usable = from_numpy(~out_of_range & ~to_numpy(column.is_null()))
-            times = pc.if_else(
-                usable,
-                micros.cast(EVENT_TIME_TYPE),
-                pa.nulls(len(raw), EVENT_TIME_TYPE),
-            )
+        times, out_of_range = _cast_in_range(batch.column(field))
+
         if EVENT_TIME in batch.schema.names:
             batch = batch.drop_columns([EVENT_TIME])
         out = batch.append_column(pa.field(EVENT_TIME, EVENT_TIME_TYPE), times)
         if not times.null_count:
             return Extracted(out, np.empty(0, np.int64), [])
+
         bad = np.flatnonzero(to_numpy(times.is_null()))
         missing = f"missing event time: field {field!r} is empty or absent"
         beyond = (
@@ -217,6 +204,26 @@ class EventTimeExtractor:
                 f"does not match format {fmt!r}"
             )
         return f"missing event time: expression {self.spec.expression!r} gave no value"
+
+
+def _cast_in_range(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """Cast timestamps to event times, with nulls where they do not fit.
+
+    Returns the event times and which values lie beyond the range of
+    microseconds (only seconds and milliseconds can).
+    """
+    try:
+        return column.cast(EVENT_TIME_TYPE), np.zeros(len(column), np.bool_)
+    except pa.ArrowInvalid:
+        pass
+    scale = {"s": 1_000_000, "ms": 1_000}[column.type.unit]
+    raw = to_numpy(column.cast(pa.int64()), null_value=0)
+    out_of_range = np.abs(raw) > (2**63 - 1) // scale
+    micros = from_numpy(np.where(out_of_range, 0, raw) * scale)
+    usable = from_numpy(~out_of_range & ~to_numpy(column.is_null()))
+    nulls = pa.nulls(len(raw), EVENT_TIME_TYPE)
+    times = pc.if_else(usable, micros.cast(EVENT_TIME_TYPE), nulls)
+    return times, out_of_range
 
 
 # NOTE: sources read zone-less timestamp text as UTC, so `timezone` does not

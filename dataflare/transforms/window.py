@@ -526,11 +526,11 @@ class WindowTransform(Transform[WindowConfig]):
         closes = self._size + self._lateness
         if len(starts) and (starts.min() + closes <= self._watermark or missing.any()):
             # A record without event time belongs to no window, so it is late.
-            kept = self._drop_late(
+            on_time = self._drop_late(
                 batch, missing | (starts + closes <= self._watermark)
             )
-            if kept is not None:
-                rows = rows.filter(kept)
+            if on_time is not None:
+                rows = rows.filter(on_time)
 
         if self._slide != self._size and rows.num_rows:
             rows = self._explode(rows, closes)
@@ -561,8 +561,8 @@ class WindowTransform(Transform[WindowConfig]):
         late_batch = batch.filter(mask)
         self.context.count("late", late_batch.num_rows)
         self.context.emit_side("late", late_batch)
-        kept: pa.Array = pc.invert(mask)
-        return kept
+        on_time: pa.Array = pc.invert(mask)
+        return on_time
 
     def _add_pending(self, rows: pa.Table) -> None:
         if self._pending_rows >= FLUSH_ROWS:
@@ -694,12 +694,19 @@ class WindowTransform(Transform[WindowConfig]):
 
         keys = [*self.config.key_by, _WS]
         rows = pl.DataFrame(pa.concat_tables(parts, promote_options="permissive"))
-        exprs = [
+        out = (
+            rows.group_by(keys)
+            .agg(self._record_exprs())
+            .sort([_WS, *self.config.key_by])
+        )
+        return self._with_bounds(out, pl.col(_WS), pl.col(_WS) + self._size)
+
+    def _record_exprs(self) -> list[pl.Expr]:
+        """Return the Polars expressions that aggregate records into results."""
+        return [
             agg.expr(name, self._types[name])
             for name, agg in self.config.aggregations.items()
         ]
-        out = rows.group_by(keys).agg(exprs).sort([_WS, *self.config.key_by])
-        return self._with_bounds(out, pl.col(_WS), pl.col(_WS) + self._size)
 
     def _with_bounds(
         self, df: pl.DataFrame, start: pl.Expr, end: pl.Expr
@@ -724,9 +731,9 @@ class WindowTransform(Transform[WindowConfig]):
         ts = pl.col(EVENT_TIME).dt.epoch("us")
         rows = df.select([*self._fields(), ts.alias(_TS)])
         late = self._session_late(rows).fill_null(False).to_numpy()
-        kept = self._drop_late(batch, late)
-        if kept is not None:
-            rows = rows.filter(pl.Series(kept))
+        on_time = self._drop_late(batch, late)
+        if on_time is not None:
+            rows = rows.filter(pl.Series(on_time))
         if rows.height:
             self._buffer_session(rows)
 
@@ -793,12 +800,12 @@ class WindowTransform(Transform[WindowConfig]):
         if not done.height:
             return []
 
-        aggs = [
-            agg.expr(name, self._types[name])
-            for name, agg in self.config.aggregations.items()
-        ]
         out = done.group_by([*keys, _WS], maintain_order=True).agg(
-            [*aggs, pl.col(_TS).min().alias("__start"), pl.col(_END).first()]
+            [
+                *self._record_exprs(),
+                pl.col(_TS).min().alias("__start"),
+                pl.col(_END).first(),
+            ]
         )
         self._remember_closed(out.select([*keys, _END]), watermark)
         out = out.sort(["__start", *keys])
