@@ -16,9 +16,12 @@ Example::
         config: {path: out/events.jsonl}
 
 Each line contains one JSON object. The source parses blocks of complete lines
-with Arrow's JSON reader against the schema (the `schema` config, or types
-inferred from the first objects), several blocks at once on a thread pool,
-and hands the results on in file order. When Arrow rejects a block, that
+against the schema (the `schema` config, or types inferred from the first
+objects), several blocks at once on a thread pool, and hands the results on
+in file order. Where every field is an int, float, bool or string, a native
+reader built on simdjson parses the block first (see `_jsonl_reader.cpp`);
+it hands any block it does not read exactly as Arrow would to Arrow's JSON
+reader, which parses all other schemas too. When Arrow rejects a block, that
 block is parsed again line by line, so a line that is not JSON, or a value
 that does not fit its field's type, goes to the dead-letter output with the
 position `FILE line N`. The good lines of the block go on. Line numbers
@@ -85,6 +88,11 @@ from dataflare.plugin.interface import (
 )
 from dataflare.streaming.exactjson import JsonNumber, dumps_exact, loads_exact
 from dataflare.transforms.expressions import empty_batch, scalar_from_buffers
+
+try:
+    from dataflare.connectors.files import _jsonl_reader
+except ImportError:  # built without libsimdjson: Arrow parses every block
+    _jsonl_reader = None  # type: ignore[assignment]
 
 BOM = b"\xef\xbb\xbf"
 _EXTENSIONS = (".jsonl", ".ndjson", ".json")
@@ -176,9 +184,10 @@ class JsonLinesParser:
         name: Input name used in positions, for example a file path or `stdin`.
     """
 
-    def __init__(self, schema: pa.Schema, name: str) -> None:
+    def __init__(self, schema: pa.Schema, name: str, *, native: bool = True) -> None:
         self.schema = schema
         self.name = name
+        self._native_fields = native_fields(schema) if native else None
         self._converters = [(f.name, converter_for(f.type)) for f in schema]
         self._text_fields = [
             f.name
@@ -206,6 +215,10 @@ class JsonLinesParser:
 
     def parse_block(self, block: Block) -> BlockResult:
         """Parse `block`, numbering its lines from 1."""
+        if self._native_fields is not None:
+            result = _jsonl_reader.read_block(block, self._native_fields)
+            if result is not None:
+                return BlockResult(self._native_batch(*result), None, result[0])
         data = np.frombuffer(block, dtype=np.uint8)
         newlines = np.flatnonzero(data == _NEWLINE)
         ends_open = bool(len(data)) and data[-1] != _NEWLINE
@@ -261,6 +274,23 @@ class JsonLinesParser:
 
     def _empty(self) -> pa.RecordBatch:
         return empty_batch(self.schema)
+
+    def _native_batch(
+        self, rows: int, columns: list[_jsonl_reader.Column]
+    ) -> pa.RecordBatch:
+        """Make a batch of the column buffers the native reader returned."""
+        arrays = []
+        for target, (nulls, valid, values, offsets) in zip(
+            self.schema, columns, strict=True
+        ):
+            buffers = [None if valid is None else pa.py_buffer(valid)]
+            if offsets is not None:
+                buffers.append(pa.py_buffer(offsets))
+            buffers.append(pa.py_buffer(values))
+            arrays.append(
+                pa.Array.from_buffers(target.type, rows, buffers, null_count=nulls)
+            )
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
     def _parse_fast(self, block: Block, span: _LineSpan) -> pa.RecordBatch | None:
         """Parse with Arrow, or return None if any line needs a closer look."""
@@ -416,6 +446,26 @@ _NEWLINE = ord("\n")
 _OPEN = ord("{")
 _CLOSE = ord("}")
 _RETURN = ord("\r")
+
+
+_NATIVE_KINDS = {pa.int64(): 0, pa.float64(): 1, pa.bool_(): 2, pa.string(): 3}
+
+
+def native_fields(schema: pa.Schema) -> tuple[tuple[str, int], ...] | None:
+    """Fields for the native reader, or None if it cannot read `schema`.
+
+    It reads nullable int64, float64, bool and string fields with distinct
+    names, and is missing where simdjson was not found at build time.
+    """
+    if _jsonl_reader is None or len(set(schema.names)) != len(schema.names):
+        return None
+    fields = []
+    for target in schema:
+        kind = _NATIVE_KINDS.get(target.type)
+        if kind is None or not target.nullable:
+            return None
+        fields.append((target.name, kind))
+    return tuple(fields)
 
 
 def _one_object_per_line(data: np.ndarray, newlines: np.ndarray) -> bool:

@@ -1,0 +1,247 @@
+"""The native JSON lines reader (simdjson) against Arrow's reader and pandas.
+
+The native reader must give exactly the batch that Arrow's path gives, or
+hand the block to Arrow. These tests parse each block both ways and
+compare, and check that the native reader takes the blocks it should.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+import dataflare.connectors.files.jsonl as jsonl_module
+from dataflare.connectors.files.jsonl import (
+    BlockResult,
+    JsonLinesParser,
+    native_fields,
+)
+
+SCHEMA = pa.schema(
+    [
+        ("name", pa.string()),
+        ("ratio", pa.float64()),
+        ("count", pa.int64()),
+        ("ok", pa.bool_()),
+    ]
+)
+
+native_only = pytest.mark.skipif(
+    jsonl_module._jsonl_reader is None and not os.environ.get("CI"),
+    reason="built without libsimdjson-dev",
+)
+
+
+def test_native_built_in_ci() -> None:
+    if os.environ.get("CI"):
+        assert jsonl_module._jsonl_reader is not None, (
+            "the native jsonl reader was not built: install libsimdjson-dev "
+            "and run `make install` again"
+        )
+
+
+def line_numbers(result: BlockResult) -> list[int]:
+    if result.numbers is None:
+        return list(range(1, result.batch.num_rows + 1))
+    return [int(n) for n in result.numbers]
+
+
+def both_ways(block: bytes, schema: pa.Schema = SCHEMA) -> tuple[bool, BlockResult]:
+    """Parse `block` natively and with Arrow; assert the same outcome.
+
+    Returns whether the native reader took the block, and the result.
+    """
+    native = JsonLinesParser(schema, "f")
+    arrow = JsonLinesParser(schema, "f", native=False)
+    fields = native_fields(schema)
+    assert fields is not None
+    assert jsonl_module._jsonl_reader is not None
+    taken = jsonl_module._jsonl_reader.read_block(block, fields) is not None
+    got, expected = native.parse_block(block), arrow.parse_block(block)
+    assert got.batch.equals(expected.batch), (block, got.batch, expected.batch)
+    assert got.lines == expected.lines
+    assert got.rejected == expected.rejected
+    assert line_numbers(got) == line_numbers(expected)
+    return taken, got
+
+
+@native_only
+@pytest.mark.parametrize(
+    "block",
+    [
+        b'{"name":"a","ratio":1.5,"count":3,"ok":true}\n',
+        b'{"name":"\\u00e9\\ud83d\\ude00","ratio":-0.0,"count":0,"ok":false}\n',
+        b'{"name":null,"ratio":null,"count":null,"ok":null}\n',
+        b'{"other":{"deep":[1,2,{"x":null}]},"count":1}\n',
+        b'{"ratio":18446744073709551615,"count":9223372036854775807}\n',
+        b'{"count":-9223372036854775808}\n{"count":1}',
+        b'{"name":"a"}\r\n{"name":"b"}\r\n',
+        b'{"name":"a"}   \n',
+        b'{"n\\u0061me":"escaped key"}\n',
+        b'{"x":1,"x":2,"count":1}\n',
+        b"",
+    ],
+)
+def test_native_takes_clean_blocks(block: bytes) -> None:
+    taken, _ = both_ways(block)
+    assert taken
+
+
+@native_only
+@pytest.mark.parametrize(
+    "block",
+    [
+        b'{"ratio":-0}\n',  # simdjson reads the integer 0; Arrow gives -0.0
+        b'{"ratio":1.5,"count":-0}\n',  # any `-0` where a field is a float
+        b'{"count":1.0}\n',
+        b'{"count":1e2}\n',
+        b'{"count":9223372036854775808}\n',
+        b'{"count":true}\n',
+        b'{"ok":1}\n',
+        b'{"name":1}\n',
+        b'{"ratio":1e400}\n',
+        b'{"ratio":123456789012345678901234567890}\n',
+        b'{"name":"\\ud800"}\n',
+        b'{"name":"\xff"}\n',
+        b'{"other":"\xff"}\n',
+        b'{"count":1,"count":2}\n',
+        b'{"other":[tru],"count":1}\n',
+        b'{"name":"a"} {"name":"b"}\n',
+        b'{"name":"a"}{"name":"b"}\n',
+        b'{"name":\n"a"}\n',
+        b'{"name":"a"}\n\n{"name":"b"}\n',
+        b'  {"name":"a"}\n',
+        b"[1]\n",
+        b'"text"\n',
+        b'{"name":"a"}\n{"name":',
+        b"\n",
+    ],
+)
+def test_native_hands_doubtful_to_arrow(block: bytes) -> None:
+    taken, _ = both_ways(block)
+    assert not taken
+
+
+def random_value(rng: random.Random) -> Any:
+    return rng.choice(
+        [
+            None,
+            rng.randint(-(2**63), 2**63 - 1),
+            rng.randint(-5, 5),
+            rng.uniform(-1e6, 1e6),
+            rng.choice([True, False]),
+            "".join(rng.choice('aé😀"\\\n\t\x00z') for _ in range(rng.randint(0, 6))),
+            [rng.randint(0, 3)],
+            {"k": rng.randint(0, 3)},
+        ]
+    )
+
+
+def random_line(rng: random.Random) -> bytes:
+    """One line: mostly well-typed records, sometimes a value of another type."""
+    record: dict[str, Any] = {}
+    for field, make in (
+        ("name", lambda: "".join(rng.choice('abc é😀"\\') for _ in range(5))),
+        ("ratio", lambda: rng.choice([rng.uniform(-1e9, 1e9), rng.randint(-99, 99)])),
+        ("count", lambda: rng.randint(-(2**63), 2**63 - 1)),
+        ("ok", lambda: rng.choice([True, False])),
+        ("extra", lambda: random_value(rng)),
+    ):
+        roll = rng.random()
+        if roll < 0.1:
+            continue  # absent
+        if roll < 0.15:
+            record[field] = None
+        elif roll < 0.17:
+            record[field] = random_value(rng)  # often the wrong type
+        else:
+            record[field] = make()
+    text = json.dumps(record, ensure_ascii=rng.random() < 0.5)
+    if rng.random() < 0.01:
+        text = text[: len(text) // 2]  # not JSON
+    return text.encode()
+
+
+@native_only
+def test_native_random_blocks_match_arrow() -> None:
+    rng = random.Random(20261205)
+    taken = 0
+    for _ in range(300):
+        lines = [random_line(rng) for _ in range(rng.randint(1, 40))]
+        block = b"\n".join(lines) + (b"\n" if rng.random() < 0.8 else b"")
+        took, _ = both_ways(block)
+        taken += took
+    # About half of the blocks have no doubtful line and must be taken.
+    assert taken > 50
+
+
+@native_only
+def test_native_values_match_pandas() -> None:
+    rng = random.Random(7)
+    rows = []
+    for i in range(5000):
+        rows.append(
+            {
+                "name": None if i % 97 == 0 else f"n{rng.randint(0, 50)}é",
+                "ratio": rng.uniform(-1e3, 1e3),
+                "count": None if i % 89 == 0 else rng.randint(-(2**40), 2**40),
+                "ok": rng.random() < 0.3,
+            }
+        )
+    block = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    taken, result = both_ways(block)
+    assert taken
+    expected = pd.read_json(io.BytesIO(block), lines=True, dtype=False)
+    got = result.batch.to_pandas()
+    assert result.batch.column("name").to_pylist() == [
+        None if pd.isna(v) else v for v in expected["name"].tolist()
+    ]
+    # pandas' float parser may be one unit in the last place off; Python's
+    # is correctly rounded, as Arrow's and simdjson's are.
+    assert got["ratio"].tolist() == [
+        json.loads(line)["ratio"] for line in block.splitlines()
+    ]
+    assert (
+        got["count"].astype("Int64").tolist()
+        == expected["count"].astype("Int64").tolist()
+    )
+    assert got["ok"].tolist() == expected["ok"].tolist()
+    assert result.batch.column("count").null_count == sum(
+        r["count"] is None for r in rows
+    )
+
+
+def test_native_fields_supported_schemas() -> None:
+    if jsonl_module._jsonl_reader is None:
+        assert native_fields(SCHEMA) is None
+        return
+    assert native_fields(SCHEMA) == (
+        ("name", 3),
+        ("ratio", 1),
+        ("count", 0),
+        ("ok", 2),
+    )
+    for other in (
+        pa.schema([("at", pa.timestamp("us"))]),
+        pa.schema([("small", pa.int32())]),
+        pa.schema([("day", pa.date32())]),
+        pa.schema([pa.field("name", pa.string(), nullable=False)]),
+    ):
+        assert native_fields(other) is None
+
+
+@native_only
+def test_native_long_line() -> None:
+    long_line = json.dumps({"name": "x" * 600_000, "count": 1}).encode()
+    block = b'{"name":"a","count":0}\n' + long_line + b'\n{"name":"b"}\n'
+    taken, result = both_ways(block)
+    assert taken
+    assert result.batch.column("count").to_pylist() == [0, 1, None]
+    assert len(result.batch.column("name")[1].as_py()) == 600_000
