@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import threading
 import time
@@ -1145,3 +1146,90 @@ def test_timestamps_after_year_9999_keep_their_date() -> None:
 
     assert small == b'{"t":"10000-01-01T00:00:00.000000Z"}\n'
     assert large == small * 100
+
+
+def random_text_batch(rows: int, seed: int, *, escapes: bool) -> pa.RecordBatch:
+    import random
+
+    rng = random.Random(seed)
+    letters = "abc é😀\u2028" + ('"\\\n\t\x00' if escapes else "")
+
+    def maybe(value: Any) -> Any:
+        return None if rng.random() < 0.1 else value
+
+    return pa.RecordBatch.from_pydict(
+        {
+            "id": pa.array(
+                [maybe(rng.randint(-(2**63), 2**63 - 1)) for _ in range(rows)],
+                pa.int64(),
+            ),
+            "big": pa.array(
+                [maybe(rng.choice([0, 2**64 - 1, 7])) for _ in range(rows)],
+                pa.uint64(),
+            ),
+            "small": pa.array(
+                [maybe(rng.randint(-128, 127)) for _ in range(rows)], pa.int8()
+            ),
+            "ok": pa.array(
+                [maybe(rng.random() < 0.5) for _ in range(rows)], pa.bool_()
+            ),
+            "text": pa.array(
+                [
+                    maybe(
+                        "".join(rng.choice(letters) for _ in range(rng.randint(0, 8)))
+                    )
+                    for _ in range(rows)
+                ],
+                pa.string(),
+            ),
+            "long text": pa.array(
+                [maybe(f"v{rng.randint(0, 99)}") for _ in range(rows)],
+                pa.large_string(),
+            ),
+        }
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_arrow_encoder_matches_orjson_and_polars(seed: int) -> None:
+    batch = random_text_batch(600, seed, escapes=False)
+    expected = jsonl_module._encode_small(batch)  # orjson
+    by_polars = pl.from_arrow(batch)
+    assert isinstance(by_polars, pl.DataFrame)
+    buffer = io.BytesIO()
+    by_polars.write_ndjson(buffer)
+
+    whole = jsonl_module._encode_with_arrow(batch)
+    part = jsonl_module._encode_with_arrow(batch.slice(37, 300))
+
+    assert whole == expected
+    assert whole == buffer.getvalue()
+    assert part == jsonl_module._encode_small(batch.slice(37, 300))
+    assert [json.loads(line) for line in whole.splitlines()] == batch.to_pylist()
+
+
+def test_arrow_encoder_leaves_escapes_to_orjson() -> None:
+    batch = random_text_batch(600, 11, escapes=True)
+
+    assert jsonl_module._encode_with_arrow(batch) is None
+    assert encode_json_lines(batch) == jsonl_module._encode_small(batch)
+    assert [json.loads(x) for x in encode_json_lines(batch).splitlines()] == (
+        batch.to_pylist()
+    )
+
+
+def test_arrow_encoder_used_for_large_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    encode = jsonl_module._encode_with_arrow
+
+    def counting(batch: pa.RecordBatch) -> bytes | None:
+        calls.append(batch.num_rows)
+        return encode(batch)
+
+    monkeypatch.setattr(jsonl_module, "_encode_with_arrow", counting)
+    batch = random_text_batch(600, 3, escapes=False)
+
+    encode_json_lines(batch.slice(0, 255))
+    encode_json_lines(batch)
+
+    assert calls == [600]
