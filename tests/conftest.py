@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import pyarrow as pa
 import pytest
+
+# Tests start without cached plans, in this process and the runs it starts;
+# the plan cache tests give their own directory.
+os.environ["DATAFLARE_CACHE_DIR"] = ""
 
 
 class RecordingContext:

@@ -78,7 +78,8 @@ def count_conversions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     rows: list[int] = []
 
     def counting(batch: pa.RecordBatch) -> pl.DataFrame:
-        rows.append(batch.num_rows)
+        if batch.num_rows:  # type checks on no rows are not counted
+            rows.append(batch.num_rows)
         return to_polars(batch)
 
     monkeypatch.setattr(filter_module, "to_polars", counting)
@@ -90,7 +91,7 @@ def test_filter_arrow_matches_polars(
     context: Any, monkeypatch: pytest.MonkeyPatch, condition: str, converted: list[int]
 ) -> None:
     with monkeypatch.context() as patch:
-        patch.setattr(filter_module, "to_arrow_expression", lambda *args: None)
+        patch.setattr(filter_module, "from_tree", lambda *args: None)
         polars_path = make(context, condition)
         expected = [rows(polars_path.process(b), b.schema) for b in (EDGES, NO_NAN)]
     expected_counts = context.counters["filtered"]

@@ -159,6 +159,16 @@ def to_arrow_expression(expr: pl.Expr, schema: pa.Schema) -> ArrowExpression | N
     differs from the type Polars gives. Integer arithmetic wraps around on
     overflow, as in Polars.
     """
+    tree = arrow_tree(expr, schema)
+    return None if tree is None else from_tree(tree, schema)
+
+
+def arrow_tree(expr: pl.Expr, schema: pa.Schema) -> Any | None:
+    """Return the tree of `expr` if `to_arrow_expression` translates it.
+
+    The tree is the JSON form of Polars' serialized expression, which
+    `from_tree` translates without Polars.
+    """
     import polars as pl
 
     try:
@@ -166,16 +176,28 @@ def to_arrow_expression(expr: pl.Expr, schema: pa.Schema) -> ArrowExpression | N
         node = _translate(tree, schema)
         if not isinstance(node, _Values) or not _same_type(expr, node, schema):
             return None
-    except (
-        _Untranslatable,
-        pl.exceptions.PolarsError,
-        pa.ArrowException,
-        ValueError,
-        LookupError,  # a tree laid out unlike those of Polars 2.1
-    ):
+    except (_Untranslatable, pl.exceptions.PolarsError, *_TRANSLATION_ERRORS):
+        return None
+    return tree
+
+
+def from_tree(tree: Any, schema: pa.Schema) -> ArrowExpression | None:
+    """Translate a tree that `arrow_tree` returned for `schema`."""
+    try:
+        node = _translate(tree, schema)
+    except (_Untranslatable, *_TRANSLATION_ERRORS):
+        return None
+    if not isinstance(node, _Values):
         return None
     return ArrowExpression(node.type, node.evaluate)
 
+
+_TRANSLATION_ERRORS = (
+    pa.ArrowException,
+    ValueError,
+    LookupError,  # a tree laid out unlike those of Polars 2.1
+    TypeError,
+)
 
 _Evaluate = Callable[[pa.RecordBatch], Any]
 

@@ -16,31 +16,36 @@ Polars parses the condition. Conditions that `to_arrow_expression`
 translates (comparisons, `AND`, `OR`, `NOT`, `IS NULL`, `+`, `-`, `*` over
 fields and literals) are evaluated with Arrow compute on the batch, with the
 same result. Other conditions, and batches where a compared float
-contains NaN, are evaluated by Polars.
+contains NaN, are evaluated by Polars. What Polars found is kept in the
+plan cache (`plan_cache`), so a later run with the same condition and
+input starts without loading Polars.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from pydantic import Field
 
 from dataflare.plugin.interface import (
     ConfigError,
+    OperatorContext,
     PluginConfig,
     PluginKind,
     PluginMetadata,
     Transform,
 )
+from dataflare.transforms import plan_cache
 from dataflare.transforms.expressions import (
     ArrowExpression,
     ArrowFallback,
+    arrow_tree,
     check_expression,
     empty_batch,
+    from_tree,
     parse_expression,
-    to_arrow_expression,
     to_polars,
 )
 
@@ -65,6 +70,10 @@ class FilterTransform(Transform[FilterConfig]):
     Config = FilterConfig
     input_count = None  # several inputs with one schema are merged
 
+    def __init__(self, config: FilterConfig, context: OperatorContext) -> None:
+        super().__init__(config, context)
+        self._entries: dict[pa.Schema, dict[str, Any]] = {}
+
     def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
         for other in inputs[1:]:
             if not other.equals(inputs[0]):
@@ -72,10 +81,28 @@ class FilterTransform(Transform[FilterConfig]):
                     "all inputs of a filter must have the same fields and types; "
                     f"got {inputs[0].names} and {other.names}"
                 )
+        self._cached(inputs[0])
+        return inputs[0]
+
+    def _cached(self, schema: pa.Schema) -> dict[str, Any]:
+        """Check the condition on `schema`, or read the check from the cache.
+
+        Returns the entry: `tree` is the condition's tree for Arrow, or None.
+        """
+        entry = self._entries.get(schema)
+        if entry is None:
+            entry = plan_cache.load("filter", self.config.condition, schema)
+        if entry is None:
+            entry = self._check(schema)
+            plan_cache.store("filter", self.config.condition, schema, entry)
+        self._entries[schema] = entry
+        return entry
+
+    def _check(self, schema: pa.Schema) -> dict[str, Any]:
         import polars as pl
 
-        expr = check_expression(self.config.condition, inputs[0], where="condition")
-        empty = to_polars(empty_batch(inputs[0]))
+        expr = check_expression(self.config.condition, schema, where="condition")
+        empty = to_polars(empty_batch(schema))
         dtype = empty.select(expr.alias("condition")).schema["condition"]
         if dtype not in (pl.Boolean, pl.Null):
             raise ConfigError(
@@ -83,7 +110,12 @@ class FilterTransform(Transform[FilterConfig]):
                 "false; write a comparison such as 'age >= 18'",
                 where="condition",
             )
-        return inputs[0]
+        tree = arrow_tree(expr, schema)
+        if tree is not None:
+            arrow = from_tree(tree, schema)
+            if arrow is None or arrow.type != pa.bool_():
+                tree = None
+        return {"tree": tree}
 
     def open(self) -> None:
         self._expr: pl.Expr | None = None
@@ -109,17 +141,17 @@ class FilterTransform(Transform[FilterConfig]):
                 return self._arrow.evaluate(batch)
             except (ArrowFallback, pa.ArrowException):
                 pass  # Polars gives the result, or the error, below
-        assert self._expr is not None
+        if self._expr is None:
+            self._expr = parse_expression(
+                self.config.condition, batch.schema.names, where="condition"
+            )
         # with_columns repeats a constant condition (`FALSE`) on every row
         condition = self._expr.fill_null(False).alias(_MASK)
         frame = to_polars(batch).with_columns(condition)
         return frame.get_column(_MASK).to_arrow()
 
     def _prepare(self, schema: pa.Schema) -> None:
-        if self._expr is None:
-            self._expr = parse_expression(
-                self.config.condition, schema.names, where="condition"
-            )
-        arrow = to_arrow_expression(self._expr, schema)
+        tree = self._cached(schema)["tree"]
+        arrow = None if tree is None else from_tree(tree, schema)
         self._arrow = arrow if arrow is not None and arrow.type == pa.bool_() else None
         self._schema = schema

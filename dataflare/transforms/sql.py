@@ -24,7 +24,9 @@ gives the same values, types, nulls and names, because Polars parses the
 query and its plan is checked against the parts that Arrow runs. Converting
 a batch to Polars and back costs a few hundred microseconds per call, which
 that path avoids. Other queries, and batches where a compared float
-contains NaN, run on Polars SQL.
+contains NaN, run on Polars SQL. The output schema and the Arrow plan are
+kept in the plan cache (`plan_cache`), so a later run of the same query on
+the same input starts without loading Polars.
 
 The query reads one batch at a time. Aggregates, `GROUP BY`, `ORDER BY`,
 `DISTINCT`, `LIMIT` and window functions therefore work per batch, and how
@@ -63,12 +65,14 @@ from dataflare.plugin.interface import (
     PluginMetadata,
     Transform,
 )
+from dataflare.transforms import plan_cache
 from dataflare.transforms.expressions import (
     ArrowExpression,
     ArrowFallback,
+    arrow_tree,
     empty_batch,
+    from_tree,
     polars_dtype,
-    to_arrow_expression,
     to_polars,
 )
 
@@ -99,18 +103,35 @@ class SqlTransform(Transform[SqlConfig]):
 
     def __init__(self, config: SqlConfig, context: OperatorContext) -> None:
         super().__init__(config, context)
-        self._schemas: dict[pa.Schema, pa.Schema] = {}
+        self._entries: dict[pa.Schema, tuple[pa.Schema, dict[str, Any] | None]] = {}
         self._plans: dict[pa.Schema, _Plan] = {}
         self._last: _Plan | None = None
         # Made on first use and reused by the batches that Polars runs.
         self._context: pl.SQLContext[Any] | None = None
 
     def output_schema(self, inputs: Sequence[pa.Schema]) -> pa.Schema:
-        schema = inputs[0]
-        output = self._schemas.get(schema)
-        if output is None:
-            output = self._schemas[schema] = self._check(schema)
-        return output
+        return self._entry(inputs[0])[0]
+
+    def _entry(self, schema: pa.Schema) -> tuple[pa.Schema, dict[str, Any] | None]:
+        """Return the output schema and the Arrow plan's entry for `schema`.
+
+        Both come from the plan cache, or from Polars, which then fills it.
+        """
+        known = self._entries.get(schema)
+        if known is not None:
+            return known
+        text = f"{self.config.table}\n{self.config.query}"
+        known = _read_entry(plan_cache.load("sql", text, schema))
+        if known is None:
+            output = self._check(schema)
+            arrow = _ArrowQuery.compile(self.config.query, self.config.table, schema)
+            if arrow is not None and not arrow.schema.equals(output):
+                arrow = None
+            known = output, None if arrow is None else arrow.entry()
+            entry = {"output": plan_cache.schema_text(output), "arrow": known[1]}
+            plan_cache.store("sql", text, schema, entry)
+        self._entries[schema] = known
+        return known
 
     def process(
         self, batch: pa.RecordBatch, input_index: int = 0
@@ -189,13 +210,27 @@ class SqlTransform(Transform[SqlConfig]):
             return self._last
         plan = self._plans.get(schema)
         if plan is None:
-            output = self.output_schema([schema])
-            arrow = _ArrowQuery.compile(self.config.query, self.config.table, schema)
+            output, entry = self._entry(schema)
+            arrow = None if entry is None else _ArrowQuery.from_entry(entry, schema)
             if arrow is not None and not arrow.schema.equals(output):
                 arrow = None
             plan = self._plans[schema] = _Plan(schema, output, arrow)
         self._last = plan
         return plan
+
+
+def _read_entry(
+    entry: dict[str, Any] | None,
+) -> tuple[pa.Schema, dict[str, Any] | None] | None:
+    """Return the output schema and Arrow plan of a plan cache entry."""
+    if entry is None:
+        return None
+    try:
+        output = plan_cache.schema_from_text(entry["output"])
+    except (KeyError, TypeError, ValueError, pa.ArrowException):
+        return None
+    arrow = entry.get("arrow")
+    return output, arrow if isinstance(arrow, dict) else None
 
 
 @dataclass(frozen=True)
@@ -220,6 +255,7 @@ class _ArrowQuery:
     items: list[ArrowExpression]  # over `columns` of the input batch
     casts: list[pa.DataType | None]  # to the output type, where it differs
     schema: pa.Schema
+    trees: tuple[Any, list[Any]]  # of `where` (or None) and of `items`
 
     @staticmethod
     def compile(query: str, table: str, schema: pa.Schema) -> _ArrowQuery | None:
@@ -253,25 +289,66 @@ class _ArrowQuery:
     def _translate(
         items: list[pl.Expr], where: pl.Expr | None, schema: pa.Schema
     ) -> _ArrowQuery | None:
-        arrow_where = None
+        where_tree = None
         if where is not None:
-            arrow_where = to_arrow_expression(where, schema)
-            if arrow_where is None or arrow_where.type != pa.bool_():
+            where_tree = arrow_tree(where, schema)
+            if where_tree is None:
                 return None
         read = {name for item in items for name in item.meta.root_names()}
         columns = [i for i, name in enumerate(schema.names) if name in read]
         source = pa.schema([schema.field(i) for i in columns])
         result = to_polars(empty_batch(source)).select(items)
         output = _arrow_schema(result, schema)
-        arrow_items: list[ArrowExpression] = []
-        casts: list[pa.DataType | None] = []
+        item_trees = []
         for item, field in zip(items, output, strict=True):
-            arrow = to_arrow_expression(item, source)
+            tree = arrow_tree(item, source)
+            arrow = None if tree is None else from_tree(tree, source)
             if arrow is None or polars_dtype(arrow.type) != result[field.name].dtype:
                 return None
-            arrow_items.append(arrow)
-            casts.append(None if arrow.type == field.type else field.type)
-        return _ArrowQuery(columns, arrow_where, arrow_items, casts, output)
+            item_trees.append(tree)
+        return _ArrowQuery.from_entry(
+            {
+                "columns": columns,
+                "where": where_tree,
+                "items": item_trees,
+                "schema": plan_cache.schema_text(output),
+            },
+            schema,
+        )
+
+    @staticmethod
+    def from_entry(entry: dict[str, Any], schema: pa.Schema) -> _ArrowQuery | None:
+        """Make the query for `schema` from an `entry()`, or return None."""
+        try:
+            columns = [int(i) for i in entry["columns"]]
+            output = plan_cache.schema_from_text(entry["schema"])
+            source = pa.schema([schema.field(i) for i in columns])
+            where = None
+            if entry["where"] is not None:
+                where = from_tree(entry["where"], schema)
+                if where is None or where.type != pa.bool_():
+                    return None
+            items = [from_tree(tree, source) for tree in entry["items"]]
+        except (KeyError, TypeError, ValueError, IndexError, pa.ArrowException):
+            return None
+        arrow_items = [item for item in items if item is not None]
+        if len(arrow_items) != len(items) or len(items) != len(output):
+            return None
+        casts = [
+            None if item.type == field.type else field.type
+            for item, field in zip(arrow_items, output, strict=True)
+        ]
+        trees = (entry["where"], list(entry["items"]))
+        return _ArrowQuery(columns, where, arrow_items, casts, output, trees)
+
+    def entry(self) -> dict[str, Any]:
+        """Return the query as plain data for the plan cache."""
+        return {
+            "columns": self.columns,
+            "where": self.trees[0],
+            "items": self.trees[1],
+            "schema": plan_cache.schema_text(self.schema),
+        }
 
     def run(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
         """Run the query on `batch`.
