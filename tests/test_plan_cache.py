@@ -48,12 +48,15 @@ from click.testing import CliRunner
 from dataflare.cli.main import cli
 result = CliRunner().invoke(cli, ["run", {pipeline!r}])
 assert result.exit_code == 0, result.output
-print(json.dumps("polars" in sys.modules))
+print(json.dumps(["polars" in sys.modules, "pandas" in sys.modules]))
 """
 
 
 def run(tmp_path: Path, cache: Path | str, out: str) -> tuple[bool, list[Any]]:
-    """Run the pipeline in a new process; return whether it loaded Polars."""
+    """Run the pipeline in a new process; return whether it loaded Polars.
+
+    The run must not load pandas either, which a `pa.scalar` call would.
+    """
     pipeline = tmp_path / f"{out}.yaml"
     output = tmp_path / f"{out}.jsonl"
     pipeline.write_text(PIPELINE.format(data=tmp_path / "rows.jsonl", out=output))
@@ -67,14 +70,15 @@ def run(tmp_path: Path, cache: Path | str, out: str) -> tuple[bool, list[Any]]:
         env={**os.environ, "DATAFLARE_CACHE_DIR": str(cache)},
     )
     assert result.returncode == 0, result.stderr
-    loaded = json.loads(result.stdout.splitlines()[-1])
+    loaded, pandas = json.loads(result.stdout.splitlines()[-1])
+    assert not pandas
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     return loaded, rows
 
 
 @pytest.fixture
 def data(tmp_path: Path) -> list[tuple[int, str]]:
-    rows = [(n, "skip" if n % 5 == 0 else f"r{n}") for n in range(200)]
+    rows = [(n, "skip" if n % 5 == 0 else f"r{n}") for n in range(2000)]
     with (tmp_path / "rows.jsonl").open("w") as file:
         for n, name in rows:
             file.write(json.dumps({"n": n, "name": name, "x": n / 3}) + "\n")

@@ -5,9 +5,10 @@ loading it takes about 0.15 s, a third of the start-up of a small run. So a
 `filter` or `sql` step stores what Polars found about its expression on a
 given input schema. The entry says that the expression is valid. If Arrow
 compute can evaluate it, the entry also holds the expression tree that
-Polars serialized and the output schema. A later run with the same expression, schema and
-library versions reads the entry and starts without loading Polars. Polars
-is still loaded when a batch needs it (a NaN in a compared float, say).
+Polars serialized and the output schema. A later run with the same
+expression, schema and library versions reads the entry and starts without
+loading Polars. Polars is still loaded when a batch needs it (a NaN in a
+compared float, say).
 
 Entries are JSON files under `$DATAFLARE_CACHE_DIR`, or else
 `$XDG_CACHE_HOME/dataflare/plans` or `~/.cache/dataflare/plans`. Setting

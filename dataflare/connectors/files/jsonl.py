@@ -45,6 +45,7 @@ import base64
 import collections
 import datetime as dt
 import decimal
+import functools
 import io
 import json
 import math
@@ -1254,10 +1255,10 @@ def _encode_with_arrow(batch: pa.RecordBatch) -> bytes | None:
     pieces: list[Any] = []
     separator = "{"
     for name, column in zip(batch.schema.names, batch.columns, strict=True):
-        pieces.append(f"{separator}{orjson.dumps(name).decode()}:")
+        pieces.append(_text(f"{separator}{orjson.dumps(name).decode()}:"))
         separator = ","
         if pa.types.is_boolean(column.type):
-            text = pc.if_else(column, "true", "false")
+            text = pc.if_else(column, _text("true"), _text("false"))
         elif pa.types.is_integer(column.type):
             text = pc.cast(column, pa.string())
         else:
@@ -1268,15 +1269,22 @@ def _encode_with_arrow(batch: pa.RecordBatch) -> bytes | None:
                     return None
             if _needs_escape(column):
                 return None
-            text = pc.binary_join_element_wise('"', column, '"', "")
-        pieces.append(pc.fill_null(text, "null") if column.null_count else text)
-    pieces.append("}\n")
+            quote = _text('"')
+            text = pc.binary_join_element_wise(quote, column, quote, _text(""))
+        pieces.append(pc.fill_null(text, _text("null")) if column.null_count else text)
+    pieces.append(_text("}\n"))
     try:
-        lines = pc.binary_join_element_wise(*pieces, "")
+        lines = pc.binary_join_element_wise(*pieces, _text(""))
     except pa.ArrowCapacityError:  # more than 2 GiB of text in one batch
         return None
     assert lines.null_count == 0  # each piece has a value on every row
     return _text_bytes(lines)
+
+
+@functools.lru_cache(maxsize=1024)
+def _text(value: str) -> pa.Scalar:
+    """Return a string scalar, built without `pa.scalar`, which loads pandas."""
+    return scalar_from_buffers(value, pa.string())
 
 
 def _text_offsets(column: pa.Array) -> np.ndarray:
