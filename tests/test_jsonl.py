@@ -7,6 +7,7 @@ import io
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1233,3 +1234,42 @@ def test_arrow_encoder_used_for_large_batches(monkeypatch: pytest.MonkeyPatch) -
     encode_json_lines(batch)
 
     assert calls == [600]
+
+
+def test_read_ahead_yields_blocks_in_order() -> None:
+    blocks = [bytearray(f"{i}\n".encode()) for i in range(50)]
+
+    assert list(jsonl_module._read_ahead(iter(blocks), 2)) == blocks
+
+
+def test_read_ahead_stops_its_thread_when_left_early() -> None:
+    read: list[int] = []
+
+    def endless() -> Iterator[bytearray]:
+        n = 0
+        while True:
+            read.append(n)
+            yield bytearray(b"x\n")
+            n += 1
+
+    ahead = jsonl_module._read_ahead(endless(), 2)
+    taken = [next(ahead) for _ in range(3)]
+    ahead.close()
+    count = len(read)
+    time.sleep(0.2)
+
+    assert len(taken) == 3
+    assert len(read) == count  # the reading thread has stopped
+    assert not any(t.name == "jsonl-read" for t in threading.enumerate())
+
+
+def test_read_ahead_raises_reading_errors() -> None:
+    def failing() -> Iterator[bytearray]:
+        yield bytearray(b"a\n")
+        raise OSError("disk gone")
+
+    ahead = jsonl_module._read_ahead(failing(), 2)
+
+    assert next(ahead) == bytearray(b"a\n")
+    with pytest.raises(OSError, match="disk gone"):
+        next(ahead)

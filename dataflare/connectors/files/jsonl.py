@@ -50,12 +50,14 @@ import io
 import json
 import math
 import os
+import queue
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -1042,7 +1044,12 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
                 self._advance(cursor, len(BOM), 0)
             file.seek(cursor.offset)
             reader = _BlockReader(file, self.config.block_size)
-            for size, result in self._parse_in_order(parser, reader.blocks(final)):
+            blocks = reader.blocks(final)
+            if self._pool is not None and final:
+                # Reading moves off this thread, which also runs the steps
+                # chained after the source.
+                blocks = _read_ahead(blocks, self._threads)
+            for size, result in self._parse_in_order(parser, blocks):
                 parsed = result.at(parser.name, cursor.lines + 1)
                 self._advance(cursor, size, result.lines)
                 if parsed.rejects.records:
@@ -1108,6 +1115,51 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
         cursor.lines += lines
         self._progress.done += size
         self._progress.total = max(self._progress.total, self._progress.done)
+
+
+_END_OF_BLOCKS = object()
+
+
+def _read_ahead(blocks: Iterator[bytearray], depth: int) -> Iterator[bytearray]:
+    """Yield `blocks`, read on a thread of their own up to `depth` ahead.
+
+    The thread stops when the caller stops iterating; its errors are
+    raised here.
+    """
+    ready: queue.Queue[Any] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for block in blocks:
+                while not stop.is_set():
+                    try:
+                        ready.put(block, timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(_END_OF_BLOCKS)
+        except BaseException as exc:  # raised again on the caller's thread
+            ready.put(exc)
+
+    thread = threading.Thread(target=read, name="jsonl-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END_OF_BLOCKS:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            with suppress(queue.Empty):
+                ready.get(timeout=0.05)  # frees a reader waiting to put
+        thread.join()
 
 
 def _usable_cores() -> int:
