@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -319,3 +320,44 @@ def test_checkpoints_on_an_fsspec_file_system() -> None:
     assert latest is not None
     assert latest.id == 3
     assert latest.blobs["s-0.state"] == b"state 3"
+
+
+def test_rejected_records_survive_kill_nine(tmp_path: Path) -> None:
+    data = tmp_path / "events.jsonl"
+    lines = [
+        "garbage" if i % 100 == 7 else f'{{"id": {i}, "v": {i * 2}}}'
+        for i in range(1000)
+    ]
+    data.write_text("\n".join(lines) + "\n")
+    dead = tmp_path / "dead.jsonl"
+    out = tmp_path / "out"
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"""
+id: rejects
+sources:
+  events:
+    type: jsonl
+    config: {{path: {data}, follow: true, poll_interval: 20ms,
+              schema: {{id: int, v: int}}}}
+destinations:
+  out: {{type: jsonl, inputs: [events], config: {{path: {out}}}}}
+errors: {{policy: dead_letter, dead_letter: {{path: {dead}}}}}
+checkpointing: {{interval: 50ms, storage: {tmp_path / "checkpoints"}}}
+""")
+
+    def published() -> int:
+        return sum(len(p.read_text().splitlines()) for p in out.glob("part-*.jsonl"))
+
+    process = start(path)
+    deadline = time.monotonic() + 60
+    # Output is published by a checkpoint that covers every line read.
+    while published() < 990 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+
+    assert published() == 990
+    rejected = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert sorted(r["position"] for r in rejected) == sorted(
+        f"{data} line {i + 1}" for i in range(1000) if i % 100 == 7
+    )

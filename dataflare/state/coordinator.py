@@ -120,6 +120,9 @@ class CheckpointCoordinator:
         self.commit_queues: dict[InstanceKey, queue.SimpleQueue[int]] = {}  # sinks
         self.notify_queues: dict[InstanceKey, queue.SimpleQueue[int]] = {}  # sources
         self.on_complete: Callable[[int], None] | None = None
+        # Called before a checkpoint is written, with every instance's
+        # acknowledgement in: outputs that are not sinks save what they hold.
+        self.before_write: Callable[[], None] | None = None
         self.done = threading.Event()  # the final checkpoint is written
         self.stopped = False  # a stop checkpoint completed: no more triggers
 
@@ -235,6 +238,8 @@ class CheckpointCoordinator:
         """
         if commit_id is None:
             commit_id = FINAL_CHECKPOINT if finished else checkpoint_id
+        if self.before_write is not None:
+            self.before_write()
         steps: dict[str, dict[str, Any]] = {}
         blobs: dict[str, bytes] = {}
         for (step, index), (state, blob) in sorted(states.items()):

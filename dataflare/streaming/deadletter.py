@@ -14,6 +14,7 @@ input, and integers of any size in full.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +67,13 @@ class DeadLetterWriter:
             self._file.write(b"\n".join(lines) + b"\n")
             self.count += len(rows)
         return len(rows)
+
+    def sync(self) -> None:
+        """Write the records rejected so far to disk (flush and fsync)."""
+        with self._lock:
+            if self._file is not None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
 
     def close(self) -> None:
         with self._lock:

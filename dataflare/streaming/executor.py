@@ -1366,6 +1366,9 @@ class Executor:
         self.state.coordinator = CheckpointCoordinator(
             self.plan, storage, keys, keep=spec.keep, restored=restored
         )
+        # Rejected records before a checkpoint's positions must be on disk
+        # before the checkpoint, or a crash after it would lose them.
+        self.state.coordinator.before_write = self.state.dead_letter.sync
 
     def _check_checkpointable(self) -> None:
         # A source without positions replays from its start after a crash, so
