@@ -11,6 +11,9 @@ import io
 import json
 import os
 import random
+import struct
+import subprocess
+import sys
 from typing import Any
 
 import pandas as pd
@@ -245,3 +248,129 @@ def test_native_long_line() -> None:
     assert taken
     assert result.batch.column("count").to_pylist() == [0, 1, None]
     assert len(result.batch.column("name")[1].as_py()) == 600_000
+
+
+# --- cases found by differential fuzzing ------------------------------------
+
+
+def float_bits(batch: pa.RecordBatch) -> list[list[Any]]:
+    """Column values, with floats as their bit patterns.
+
+    `RecordBatch.equals` counts -0.0 and 0.0 as equal (pyarrow 26), so it
+    cannot tell whether the sign of a zero was kept.
+    """
+    columns = []
+    for column in batch.columns:
+        values = column.to_pylist()
+        if pa.types.is_floating(column.type):
+            values = [None if v is None else struct.pack("<d", v) for v in values]
+        columns.append(values)
+    return columns
+
+
+def test_batch_equals_ignores_zero_sign() -> None:
+    # `both_ways` compares with `equals`, so it misses a lost sign.
+    zero = pa.record_batch([pa.array([0.0])], names=["ratio"])
+    negative = pa.record_batch([pa.array([-0.0])], names=["ratio"])
+    assert zero.equals(negative)
+    assert float_bits(zero) != float_bits(negative)
+
+
+@native_only
+@pytest.mark.parametrize(
+    "block",
+    [
+        b'{"ratio":-0.0}\n',
+        b'{"ratio":-0e0}\n',
+        b'{"ratio":-0E-0}\n',
+        b'{"ratio":-1e-400}\n',
+        b'{"ratio":-0e99999999999999999999}\n',
+        b'{"ratio":-4.9e-324}\n',
+    ],
+)
+def test_native_keeps_zero_sign(block: bytes) -> None:
+    _, got = both_ways(block)
+    expected = JsonLinesParser(SCHEMA, "f", native=False).parse_block(block)
+    assert float_bits(got.batch) == float_bits(expected.batch)
+
+
+def run_isolated(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+
+
+def block_with_null_at_line_51() -> bytes:
+    """Return 100 lines where line 10 is bad and line 51 is `null`.
+
+    Arrow rejects the whole block, so the parser halves it, and the second
+    half starts with the `null` line.
+    """
+    lines = [b'{"count":1}\n'] * 100
+    lines[9] = b'{"count":"x"}\n'
+    lines[50] = b"null\n"
+    return b"".join(lines)
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"null\n",
+        b'null\n{"name":"a"}\n',
+        b"  null\n",
+        block_with_null_at_line_51(),
+    ],
+)
+@pytest.mark.parametrize("native", [True, False])
+def test_parse_block_null_line_no_crash(block: bytes, native: bool) -> None:
+    # pyarrow 26.0.1's `read_json` fails with SIGSEGV when the text starts
+    # with `null`. So a jsonl file whose first line is `null` ends
+    # `dataflare run` with exit code 139.
+    code = (
+        "import pyarrow as pa\n"
+        "from dataflare.connectors.files.jsonl import JsonLinesParser\n"
+        "schema = pa.schema([('name', pa.string()), ('count', pa.int64())])\n"
+        f"parser = JsonLinesParser(schema, 'f', native={native})\n"
+        f"result = parser.parse_block({block!r})\n"
+        "print(result.batch.num_rows, len(result.rejected))\n"
+    )
+    done = run_isolated(code)
+    assert done.returncode == 0, (done.returncode, done.stderr[-500:])
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        # Arrow's reader gives -0.0, the line-by-line parse 0.0.
+        b'{"ratio":-0}',
+        # Arrow's reader gives inf, the line-by-line parse rejects the line.
+        b'{"ratio":1' + b"0" * 400 + b"}",
+        # Arrow's reader gives a record of nulls; the line is rejected.
+        b"null",
+    ],
+)
+@pytest.mark.parametrize("native", [True, False])
+def test_parse_block_line_beside_bad_line(line: bytes, native: bool) -> None:
+    # A line must read the same whether or not a bad line in its block sends
+    # the block to the line-by-line parse.
+    parser = JsonLinesParser(SCHEMA, "f", native=native)
+    alone = parser.parse_block(b'{"count":1}\n' + line + b"\n")
+    beside_bad = parser.parse_block(b'{"count":1}\n' + line + b"\ngarbage\n")
+    rejected_alone = [number for *_, number in alone.rejected]
+    assert [number for *_, number in beside_bad.rejected] == [*rejected_alone, 3]
+    assert float_bits(beside_bad.batch) == float_bits(alone.batch)
+
+
+@native_only
+def test_native_wide_schema() -> None:
+    # Many fields and keys: the reader looks fields up by name in a table.
+    schema = pa.schema([(f"field_{i:05d}", pa.int64()) for i in range(500)])
+    record = {f"other_{k:05d}": k for k in range(2000)}
+    record |= {f"field_{i:05d}": i for i in range(0, 500, 7)}
+    block = (json.dumps(record).encode() + b"\n") * 20
+
+    taken, result = both_ways(block, schema)
+
+    assert taken
+    assert result.batch.column("field_00007").to_pylist() == [7] * 20
+    assert result.batch.column("field_00001").null_count == 20

@@ -21,11 +21,20 @@
 #include <limits>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 namespace {
 
 constexpr size_t kWindow = 256 * 1024;
+// A parser keeps memory for the largest window it parsed; after a longer
+// line than this it is replaced, so the memory goes back.
+constexpr size_t kKeptCapacity = 16 * 1024 * 1024;
+// Up to this many fields are looked up by comparing names in turn, which is
+// faster than hashing for the few fields most schemas have.
+constexpr size_t kLinearFields = 16;
+
+thread_local simdjson::dom::parser parser;
 
 enum Kind : int { INT64 = 0, FLOAT64 = 1, BOOL = 2, STRING = 3 };
 
@@ -127,8 +136,21 @@ bool has_negative_zero(const char* data, size_t size) {
 // bytes; return the row count, or -1 where Arrow must parse the block. A
 // line longer than `batch` makes it fail.
 int64_t parse(const char* data, size_t size, size_t batch, std::vector<Column>& columns) {
-  thread_local simdjson::dom::parser parser;
   parser.threaded = false;  // the thread pool already keeps the cores busy
+  std::unordered_map<std::string_view, size_t> by_name;
+  if (columns.size() > kLinearFields) {
+    for (size_t i = 0; i < columns.size(); i++) by_name.emplace(columns[i].name, i);
+  }
+  auto index_of = [&](std::string_view key) -> size_t {
+    if (!by_name.empty()) {
+      auto found = by_name.find(key);
+      return found == by_name.end() ? columns.size() : found->second;
+    }
+    for (size_t i = 0; i < columns.size(); i++) {
+      if (key == columns[i].name) return i;
+    }
+    return columns.size();
+  };
   simdjson::padded_string padded(data, size);
   simdjson::dom::document_stream stream;
   if (parser.parse_many(padded, batch < size ? batch : size).get(stream)) return -1;
@@ -147,13 +169,11 @@ int64_t parse(const char* data, size_t size, size_t batch, std::vector<Column>& 
     simdjson::dom::object object;
     if (doc.get_object().get(object)) return -1;
     for (auto field : object) {
-      for (size_t i = 0; i < columns.size(); i++) {
-        if (field.key != columns[i].name) continue;
-        if (seen[i] == row) return -1;  // a field given twice
-        seen[i] = row;
-        if (!append(columns[i], row, field.value)) return -1;
-        break;
-      }
+      size_t i = index_of(field.key);
+      if (i == columns.size()) continue;  // not in the schema
+      if (seen[i] == row) return -1;      // a field given twice
+      seen[i] = row;
+      if (!append(columns[i], row, field.value)) return -1;
     }
     for (size_t i = 0; i < columns.size(); i++) {
       if (seen[i] != row) append_null(columns[i], row);
@@ -252,6 +272,7 @@ PyObject* read_block(PyObject*, PyObject* args) {
   } catch (...) {  // out of memory: Arrow's reader then reports the error
     rows = -1;
   }
+  if (parser.capacity() > kKeptCapacity) parser = simdjson::dom::parser{};
   Py_END_ALLOW_THREADS
   PyBuffer_Release(&block);
   if (rows < 0) Py_RETURN_NONE;

@@ -107,6 +107,8 @@ _DATE_TEXT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _LONG_DIGITS = re.compile(rb"\d{19}")
 """19 digits in a row: a number that may not fit 64 bits (2**63 has 19 digits)."""
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_NEGATIVE_ZERO = re.compile(rb"-0(?![0-9.eE])")
+"""`-0` written as an integer, which JSON parsers read as the integer 0."""
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _UTC = pa.timestamp("us", tz="UTC")
@@ -197,6 +199,7 @@ class JsonLinesParser:
             for f in schema
             if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
         ]
+        self._float_fields = [f.name for f in schema if pa.types.is_floating(f.type)]
         # Arrow's JSON reader parses no dates, so date fields are read as text
         # and converted after parsing.
         read_schema = pa.schema(
@@ -297,6 +300,10 @@ class JsonLinesParser:
 
     def _parse_fast(self, block: Block, span: _LineSpan) -> pa.RecordBatch | None:
         """Parse with Arrow, or return None if any line needs a closer look."""
+        if not _opens_objects(block, span):
+            # Arrow (pyarrow 26) reads a `null` line as a record of nulls, and
+            # crashes the process when the text starts with one.
+            return None
         text = memoryview(block)[span.starts[0] : span.ends[-1]]
         longest = int((span.ends - span.starts).max())
         batch = self._read_arrow(text, longest)
@@ -371,7 +378,11 @@ class JsonLinesParser:
         """
         try:
             value = _load_json(line)
-            if isinstance(value, dict) and self._has_text_field_number(value):
+            if isinstance(value, dict) and (
+                self._has_text_field_number(value)
+                or (self._float_fields and _NEGATIVE_ZERO.search(line))
+            ):
+                # Numbers as written: text for text fields, -0 as -0.0.
                 value = loads_exact(line)
         except RecursionError:
             raise LineError(
@@ -496,6 +507,16 @@ def _one_object_per_line(data: np.ndarray, newlines: np.ndarray) -> bool:
     if not (last[~crlf] == _CLOSE).all():
         return False
     return bool((data[ends[crlf] - 2] == _CLOSE).all())
+
+
+def _opens_objects(block: Block, span: _LineSpan) -> bool:
+    """Return True if every line of `span` starts with `{`, after blanks."""
+    data = np.frombuffer(block, dtype=np.uint8)
+    for line in np.flatnonzero(data[span.starts] != _OPEN).tolist():
+        text = block[span.starts[line] : span.ends[line]]
+        if not text.lstrip().startswith(b"{"):
+            return False
+    return True
 
 
 def _line_bounds(block: Block, newlines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -723,7 +744,10 @@ def _to_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("is not a valid number")
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the float range, as in Arrow
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         try:
             return float(value.strip())
