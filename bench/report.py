@@ -635,10 +635,17 @@ def _costs(costs: Any) -> str:
         "| measurement | value |",
         "|---|---|",
         "| Arrow's JSON reader alone, one thread, 1 MB blocks (as the `jsonl` "
-        f"source calls it) | {_fmt_rate(parse['one_thread_1mb_blocks'])} |",
+        "source calls it when its native reader hands a block on) | "
+        f"{_fmt_rate(parse['one_thread_1mb_blocks'])} |",
         "| Arrow's JSON reader alone, `use_threads` over the whole buffer | "
         f"{_fmt_rate(parse['use_threads'])} |",
     ]
+    if "source_parser" in parse:
+        reader = "native simdjson reader" if parse.get("native") else "Arrow's reader"
+        lines.append(
+            f"| the `jsonl` source's parser ({reader}), one thread, 4 MiB blocks | "
+            f"{_fmt_rate(parse['source_parser'])} |"
+        )
     for step, by_rows in costs["steps"].items():
         small, large = by_rows["10"], by_rows["10000"]
         lines.append(
@@ -720,21 +727,18 @@ def _gaps(
         or (w1_peer and w1["rate"] < 3 * w1_peer["rate"])
         or (one_core and w1["rate"] < 1.6 * one_core["rate"])
     ):
-        parse_share = _share(profiles, "W1", "_read_arrow")
+        parse_share = _share(profiles, "W1", "parse_block")
         measured = (
             f" In the W1 profile {parse_share:.0f} % of the working threads' "
-            "samples are in Arrow's JSON reader (`JsonLinesParser._read_arrow`)."
+            "samples are in the source's parser (`JsonLinesParser.parse_block`)."
             if parse_share is not None
             else ""
         )
         ceiling = ""
-        if costs:
-            parse = costs["parse"]
+        if costs and "source_parser" in costs["parse"]:
             ceiling = (
-                " Arrow's reader alone parses this input at "
-                f"{_fmt_rate(parse['one_thread_1mb_blocks'])} per core, the way "
-                "the source calls it, which bounds a two-core run at about twice "
-                "that before anything else runs."
+                " The source's parser alone parses this input at "
+                f"{_fmt_rate(costs['parse']['source_parser'])} per core."
             )
         w4 = throughput(runs.get("W4", {}).get("dataflare", []))
         w4_rate = f" in W1 and {_fmt_rate(w4['rate'])} in W4" if w4 else ""
@@ -768,21 +772,16 @@ def _gaps(
         out.append(
             f"**W1 and W4 throughput.** DataFlare reaches {_fmt_rate(w1['rate'])}"
             f"{w4_rate}, against 1.25 M records/s.{measured}{ceiling}{fixed} "
-            "The source already "
-            "parses blocks on a thread per core (`read_json` releases the GIL), "
-            "copies no blocks and finds line bounds only when Arrow rejects a "
-            "block; the filter, the projection and the sink run chained on one "
-            "more thread. What is left is the parse itself: every line is "
-            "tokenised in full, although W1 keeps 5 of its 21 fields, and the "
-            "start-up imports (below) come before any of it. Closing the gap "
-            "needs a reader that costs about half as much CPU per record while "
-            "rejecting the same values: one that skips unneeded fields without "
-            "building them (an on-demand SIMD parser, as a compiled extension). "
-            "`bench/jsonl_parsers.py` measures the candidates on this input: "
-            "DuckDB's reader and Polars' need less CPU, but both accept values "
-            "Arrow rejects (DuckDB rounds `9.5` into an integer field, Polars "
-            "reads a number into a text field), so they would need checks of "
-            f"their own.{one_core_text}\n"
+            "The source parses blocks with its native simdjson reader on a "
+            "thread per core, without the GIL, and reads the file on a thread "
+            "of its own; the filter, the projection and the sink run chained "
+            "on one more thread, and on two cores every thread is busy. What "
+            "is left is CPU time: the parse builds every field of a line "
+            "although W1 keeps 5 of its 21, and the start-up imports (below) "
+            "come before any of it. Closing the gap needs a reader that skips "
+            "unneeded fields (simdjson's on-demand API, which does not fully "
+            "validate the values it skips, so it would need checks of its own) "
+            f"and a start-up that loads fewer modules.{one_core_text}\n"
         )
 
     w2 = throughput(runs.get("W2", {}).get("dataflare", []))
@@ -816,10 +815,9 @@ def _gaps(
             f"{start_peak}{growth} So most of the peak is the libraries a run "
             "loads, and the rest is data in flight (a 4 MiB block per parse "
             "thread, and batches held until the watermark fires their window). "
-            "The window step (`dataflare/transforms/window.py`) and its state "
-            "(`dataflare/state/frames.py`) are built on Polars; computing the "
-            "windows with Arrow's own grouping (`pyarrow.Table.group_by`) would "
-            "let W2 run without loading Polars, and smaller parse blocks trade "
+            "The window step (`dataflare/transforms/window.py`) keeps partial "
+            "aggregates per key and window in Arrow tables "
+            "(`dataflare/state/frames.py`); smaller parse blocks would trade "
             "CPU for memory.\n"
         )
 

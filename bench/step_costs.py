@@ -3,9 +3,11 @@
 Prints one `RESULT` line with:
 
 - `parse`: how fast Arrow's JSON reader alone parses the benchmark input
-  (W1's five fields), on one thread in 1 MB blocks as the `jsonl` source
-  calls it, and on every core of the process over the whole buffer
-  (`use_threads`). This is the ceiling of any W1 built on that reader.
+  (W1's five fields), on one thread in 1 MB blocks, and on every core of
+  the process over the whole buffer (`use_threads`); and how fast the
+  `jsonl` source's parser (`JsonLinesParser.parse_block`, with its native
+  simdjson reader when built) parses it on one thread in 4 MiB blocks, the
+  source's default.
 - `steps`: the time of one call of each W1 and W3 step on batches of 1,
   10, 100 and 10,000 rows (the filter, the SQL projection and the JSON
   lines encoding of the sink), built from the W3 pipeline's own plan. The
@@ -38,7 +40,11 @@ import pyarrow.json as pajson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dataflare import Pipeline
-from dataflare.connectors.files.jsonl import encode_json_lines
+from dataflare.connectors.files.jsonl import (
+    JsonLinesParser,
+    encode_json_lines,
+    native_fields,
+)
 from dataflare.streaming.executor import Executor
 
 import common
@@ -54,6 +60,7 @@ SCHEMA = pa.schema(
     ]
 )
 BLOCK = 1 << 20
+SOURCE_BLOCK = 4 << 20
 
 
 def parse_rates(path: str, limit: int = 200 << 20) -> dict[str, float]:
@@ -94,7 +101,21 @@ def parse_rates(path: str, limit: int = 200 << 20) -> dict[str, float]:
         parse_options=options,
     )
     threaded = table.num_rows / (time.perf_counter() - started)
-    return {"one_thread_1mb_blocks": one_thread_rate, "use_threads": threaded}
+    parser = JsonLinesParser(SCHEMA, "input")
+    started = time.perf_counter()
+    rows = start = 0
+    while start < len(data):
+        stop = data.rfind(b"\n", start, start + SOURCE_BLOCK) + 1
+        if stop <= start:
+            stop = len(data)
+        rows += parser.parse_block(bytearray(view[start:stop])).batch.num_rows
+        start = stop
+    return {
+        "one_thread_1mb_blocks": one_thread_rate,
+        "use_threads": threaded,
+        "source_parser": rows / (time.perf_counter() - started),
+        "native": native_fields(SCHEMA) is not None,
+    }
 
 
 ROWS = (1, 10, 100, 10_000)
