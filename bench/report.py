@@ -878,12 +878,9 @@ def _gaps(
         )
         out.append(
             f"**W2 throughput.** {_fmt_rate(w2['rate'])} against 0.5 M records/s"
-            f"{ratio}. W2's schema has a timestamp field, which the `jsonl` "
-            "source's native reader does not cover (it reads int, float, bool "
-            "and string fields), so W2 is parsed by Arrow's JSON reader, at "
-            "about three times the native reader's CPU time per record. "
-            "Reading timestamps natively, with Arrow's parsing rules, would "
-            "give W2 W1's parse cost.\n"
+            f"{ratio}. The W2 profile above shows where the time goes; its "
+            "input is parsed by the native reader, with the timestamps cast "
+            "by Arrow.\n"
         )
 
     soaked = runs.get("W6", {}).get("dataflare")

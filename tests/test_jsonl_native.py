@@ -232,7 +232,7 @@ def test_native_fields_supported_schemas() -> None:
         ("ok", 2),
     )
     for other in (
-        pa.schema([("at", pa.timestamp("us"))]),
+        pa.schema([("at", pa.timestamp("ns"))]),
         pa.schema([("small", pa.int32())]),
         pa.schema([("day", pa.date32())]),
         pa.schema([pa.field("name", pa.string(), nullable=False)]),
@@ -374,3 +374,48 @@ def test_native_wide_schema() -> None:
     assert taken
     assert result.batch.column("field_00007").to_pylist() == [7] * 20
     assert result.batch.column("field_00001").null_count == 20
+
+
+TIMES = [
+    "2013-01-01T10:00:00Z",
+    "2013-01-01T10:00:00+01:00",
+    "2013-01-01T10:00:00.123456Z",
+    "2013-01-01T10:00:00.1234567Z",
+    "2013-01-01 10:00:00",
+    "2013-01-01",
+    "20130101T100000Z",
+    "2013-02-30T10:00:00Z",
+    "1969-12-31T23:59:59.999-0130",
+    "not a time",
+]
+
+
+@native_only
+@pytest.mark.parametrize("zone", ["UTC", None])
+@pytest.mark.parametrize("text", TIMES)
+def test_native_timestamps_match_arrow(zone: str | None, text: str) -> None:
+    schema = pa.schema([("at", pa.timestamp("us", tz=zone)), ("count", pa.int64())])
+    block = f'{{"at": "{text}", "count": 1}}\n{{"at": null}}\n'.encode()
+
+    _, result = both_ways(block, schema)
+
+    assert result.batch.column("at").null_count >= 1
+
+
+@native_only
+def test_native_timestamps_taken_and_exact() -> None:
+    schema = pa.schema([("at", pa.timestamp("us", tz="UTC"))])
+    block = b'{"at":"2013-01-01T10:15:00Z"}\n{"at":"2013-01-01T11:00:00+01:00"}\n'
+
+    taken, result = both_ways(block, schema)
+
+    assert taken
+    assert result.batch.column("at").cast(pa.int64()).to_pylist() == [
+        1357035300000000,
+        1357034400000000,
+    ]
+
+
+def test_native_fields_other_time_units() -> None:
+    for dtype in (pa.timestamp("ns", tz="UTC"), pa.timestamp("ms")):
+        assert native_fields(pa.schema([("at", dtype)])) is None
