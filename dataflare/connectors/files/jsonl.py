@@ -21,12 +21,12 @@ objects), several blocks at once on a thread pool, and hands the results on
 in file order. Where every field is an int, float, bool, string or
 microsecond timestamp, a native reader built on simdjson parses the block
 first (see `_jsonl_reader.cpp`); it hands any block it does not read exactly
-as Arrow would to Arrow's JSON reader, which parses all other schemas too. When Arrow rejects a block, that
-block is parsed again line by line, so a line that is not JSON, or a value
-that does not fit its field's type, goes to the dead-letter output with the
-position `FILE line N`. The good lines of the block go on. Line numbers
-count every line, blank ones included. A UTF-8 byte order mark, CRLF line
-ends and a missing final newline are accepted.
+as Arrow would to Arrow's JSON reader, which parses all other schemas too.
+When Arrow rejects a block, that block is parsed again line by line, so a
+line that is not JSON, or a value that does not fit its field's type, goes to
+the dead-letter output with the position `FILE line N`. The good lines of the
+block go on. Line numbers count every line, blank ones included. A UTF-8 byte
+order mark, CRLF line ends and a missing final newline are accepted.
 
 With `follow: true` the source reads lines as they are appended (each one
 once its newline arrives) and files that appear later. It reads a file
