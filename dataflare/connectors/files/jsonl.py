@@ -375,6 +375,8 @@ class JsonLinesParser:
                 rejected.append((exc.record, exc.reason, number))
                 continue
             kept.append(number)
+        # NOTE: a nanosecond timestamp outside 1677-2262 raises here instead
+        # of rejecting its line.
         batch = pa.RecordBatch.from_pylist(rows, schema=self.schema)
         return batch, np.array(kept, dtype=np.int64)
 
