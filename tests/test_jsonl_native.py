@@ -199,10 +199,12 @@ def test_native_values_match_pandas() -> None:
             }
         )
     block = "".join(json.dumps(r) + "\n" for r in rows).encode()
+
     taken, result = both_ways(block)
-    assert taken
     expected = pd.read_json(io.BytesIO(block), lines=True, dtype=False)
     got = result.batch.to_pandas()
+
+    assert taken
     assert result.batch.column("name").to_pylist() == [
         None if pd.isna(v) else v for v in expected["name"].tolist()
     ]

@@ -3,7 +3,7 @@
 Polars parses every SQL expression and query (see `expressions`), and
 loading it takes about 0.15 s, a third of the start-up of a small run. So a
 `filter` or `sql` step stores what Polars found about its expression on a
-given input schema. The entry says that the expression is valid. If Arrow
+given input schema. The entry records that the expression is valid. If Arrow
 compute can evaluate it, the entry also holds the expression tree that
 Polars serialized and the output schema. A later run with the same
 expression, schema and library versions reads the entry and starts without

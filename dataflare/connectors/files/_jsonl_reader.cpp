@@ -115,8 +115,8 @@ bool append(Column& c, int64_t row, simdjson::dom::element value) {
   return false;
 }
 
-// True if the text holds `-0` as a whole number: simdjson reads it as the
-// integer 0, while Arrow reads -0.0 into a float field.
+// True if the text contains `-0` as a whole number: simdjson reads it as
+// the integer 0, while Arrow reads -0.0 into a float field.
 bool has_negative_zero(const char* data, size_t size) {
   const char* end = data + size;
   const char* at = data;
@@ -151,9 +151,11 @@ int64_t parse(const char* data, size_t size, size_t batch, std::vector<Column>& 
     }
     return columns.size();
   };
+
   simdjson::padded_string padded(data, size);
   simdjson::dom::document_stream stream;
   if (parser.parse_many(padded, batch < size ? batch : size).get(stream)) return -1;
+
   size_t line_start = 0;
   int64_t row = 0;
   std::vector<int64_t> seen(columns.size(), -1);
@@ -161,7 +163,7 @@ int64_t parse(const char* data, size_t size, size_t batch, std::vector<Column>& 
     simdjson::dom::element doc;
     if ((*it).get(doc)) return -1;
     // Each document must start where its line starts: then none spans
-    // two lines, no line holds two, and no line is blank.
+    // two lines, no line contains two, and no line is blank.
     size_t start = it.current_index();
     if (start != line_start) return -1;
     const void* newline = memchr(data + start, '\n', size - start);
@@ -252,6 +254,7 @@ PyObject* read_block(PyObject*, PyObject* args) {
     if (column.kind == STRING) column.offsets.push_back(0);
     columns.push_back(std::move(column));
   }
+
   int64_t rows = -1;
   const char* data = static_cast<const char*>(block.buf);
   size_t size = static_cast<size_t>(block.len);

@@ -1394,8 +1394,7 @@ def _text(value: str) -> pa.Scalar:
 
 def _text_offsets(column: pa.Array) -> np.ndarray:
     """Return the offsets of the values of a string array, `len + 1` of them."""
-    width = np.int64 if pa.types.is_large_string(column.type) else np.int32
-    offsets = np.frombuffer(column.buffers()[1], dtype=width)
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)
     return offsets[column.offset : column.offset + len(column) + 1]
 
 
