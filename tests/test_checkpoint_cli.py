@@ -110,7 +110,10 @@ def committed_ids(folder: Path) -> list[int]:
     files = [p for p in folder.iterdir() if p.name.startswith("part-")]
     if not files:
         return []
-    table = ds.dataset(files, format="json").to_table()
+    try:
+        table = ds.dataset(files, format="json").to_table()
+    except FileNotFoundError:  # a `--from-scratch` run removed a part file
+        return []
     return sorted(table.column("id").to_pylist())
 
 
