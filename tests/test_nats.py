@@ -225,7 +225,12 @@ def test_source_acks_on_checkpoint(
     position = first.snapshot_position()
     after = read_rows(first, 50)  # emitted after the checkpoint's barrier
     first.notify_checkpoint_complete(1)
+    # The server applies the acknowledgements a moment after they are sent.
+    deadline = time.monotonic() + 5
     info = stream.consumer(settings["durable"])
+    while info.ack_floor.stream_seq < 50 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        info = stream.consumer(settings["durable"])
     first.close()  # a crash: the messages after the checkpoint stay unacknowledged
 
     assert len(before) == 50
