@@ -211,3 +211,41 @@ def test_filter_literal_types(
 
         assert rows(out, batch.schema) == expected.to_pylist(), condition
     assert conversions == []
+
+
+@pytest.mark.parametrize(
+    "condition", ["i > 0", "i >= j AND s IS NOT NULL", "b", "s = 'JFK' OR b", "f > 1"]
+)
+def test_filter_small_batches_match_duckdb(context: Any, condition: str) -> None:
+    """Every run of adjacent EDGES rows as its own batch, as DuckDB filters it.
+
+    Batches this small are sliced where the kept rows are adjacent and
+    filtered otherwise; both must keep the rows DuckDB keeps.
+    """
+    edges = pa.Table.from_batches([EDGES])  # noqa: F841 - read by DuckDB by name
+    kept = {
+        row[0]
+        for row in duckdb.execute(f"SELECT id FROM edges WHERE {condition}").fetchall()
+    }
+    transform = make(context, condition)
+    for start in range(EDGES.num_rows):
+        for length in range(1, EDGES.num_rows - start + 1):
+            part = EDGES.slice(start, length)
+            expected = [row for row in rows([part], EDGES.schema) if row["id"] in kept]
+
+            assert rows(transform.process(part), EDGES.schema) == expected
+
+
+def test_filter_slices_adjacent_rows(context: Any) -> None:
+    small = pa.RecordBatch.from_pydict({"i": [1, 20, 30, 2]})
+    large = pa.RecordBatch.from_pydict({"i": [1, 20, 30] + [0] * 30})
+    transform = make(context, "i > 15")
+
+    [sliced] = transform.process(small)
+    [filtered] = transform.process(large)
+
+    assert sliced.column("i").to_pylist() == [20, 30]
+    assert sliced.column("i").offset == 1  # the input's own memory
+    assert filtered.column("i").to_pylist() == [20, 30]
+    assert filtered.column("i").offset == 0  # a copy: the input may be large
+    assert context.counters["filtered"] == 2 + 31

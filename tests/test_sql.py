@@ -348,3 +348,45 @@ def test_sql_context_created_on_first_fallback(context: Any) -> None:
 
     transform.process(EDGES)
     assert transform._context is first_context
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT id, i, s, i - j AS gained, b FROM input",
+        "SELECT i - j AS gained, id, small + 1 AS more, ls FROM input WHERE b",
+        "SELECT _event_time, id, u FROM input",
+    ],
+)
+def test_sql_arrow_takes_named_columns_whole(
+    context: Any, monkeypatch: pytest.MonkeyPatch, query: str
+) -> None:
+    """Items that only name a column are taken with one select; same result."""
+    with monkeypatch.context() as patch:
+        patch.setattr(sql_module._ArrowQuery, "compile", staticmethod(lambda *a: None))
+        polars_path = make(context, query)
+        expected = [polars_path.process(EDGES.slice(i, 2)) for i in range(8)]
+    transform = make(context, query)
+    conversions = count_conversions(monkeypatch)
+
+    got = [transform.process(EDGES.slice(i, 2)) for i in range(8)]
+
+    arrow = transform._plan(EDGES.schema).arrow
+    assert arrow is not None and arrow.layout is not None
+    schema = polars_path.output_schema([EDGES.schema])
+    assert [[b.schema for b in out] for out in got] == [
+        [b.schema for b in out] for out in expected
+    ]
+    assert [rows(out, schema) for out in got] == [rows(out, schema) for out in expected]
+    assert conversions == []
+
+
+def test_sql_arrow_renamed_columns_built_from_arrays(context: Any) -> None:
+    transform = make(context, "SELECT id AS n, i - j AS gained FROM input")
+
+    [out] = transform.process(NO_NAN)
+
+    arrow = transform._plan(NO_NAN.schema).arrow
+    assert arrow is not None and arrow.layout is None  # a select keeps names
+    assert out.schema.names == ["n", "gained"]
+    assert out.column("n").equals(NO_NAN.column("id"))

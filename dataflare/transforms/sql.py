@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -256,6 +256,7 @@ class _ArrowQuery:
     casts: list[pa.DataType | None]  # to the output type, where it differs
     schema: pa.Schema
     trees: tuple[Any, list[Any]]  # of `where` (or None) and of `items`
+    layout: _Layout | None = None  # the faster way to build the output, if any
 
     @staticmethod
     def compile(query: str, table: str, schema: pa.Schema) -> _ArrowQuery | None:
@@ -339,7 +340,9 @@ class _ArrowQuery:
             for item, field in zip(arrow_items, output, strict=True)
         ]
         trees = (entry["where"], list(entry["items"]))
-        return _ArrowQuery(columns, where, arrow_items, casts, output, trees)
+        query = _ArrowQuery(columns, where, arrow_items, casts, output, trees)
+        layout = _Layout.of(query, source)
+        return query if layout is None else replace(query, layout=layout)
 
     def entry(self) -> dict[str, Any]:
         """Return the query as plain data for the plan cache."""
@@ -364,11 +367,77 @@ class _ArrowQuery:
                 return []
             if kept_rows < batch.num_rows:
                 source = source.filter(mask)
+        if self.layout is not None:
+            return [self.layout.build(self, source)]
         arrays = []
         for item, cast in zip(self.items, self.casts, strict=True):
             values = item.evaluate(source)
             arrays.append(values if cast is None else values.cast(cast))
         return [pa.RecordBatch.from_arrays(arrays, schema=self.schema)]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Builds a query's output from the input batch's own columns.
+
+    Items that only name an input column are taken with one `select`, and
+    only the other items are evaluated and added. On batches of a few rows
+    this cost about 9 us against 14 us for evaluating every item and
+    building the batch from arrays (W3's projection, 3 rows, 2-core AMD
+    EPYC), because each column taken from a batch singly costs about 1 us.
+    """
+
+    kept: list[int]  # indices into the query's source, in output order
+    computed: list[int]  # output positions of the other items, ascending
+
+    @staticmethod
+    def of(query: _ArrowQuery, source: pa.Schema) -> _Layout | None:
+        """Return the layout of `query` over batches of `source`, or None.
+
+        None when no item is a plain column, or when the batch it builds
+        would differ from the general path's in schema (a renamed field,
+        or a field's nullability or metadata, for example).
+        """
+        kept, computed = [], []
+        for position, (tree, cast) in enumerate(
+            zip(query.trees[1], query.casts, strict=True)
+        ):
+            index = None if cast is not None else _column_index(tree, source)
+            if index is None:
+                computed.append(position)
+            else:
+                kept.append(index)
+        if not kept:
+            return None
+        layout = _Layout(kept, computed)
+        try:
+            built = layout.build(query, empty_batch(source))
+        except (pa.ArrowException, ValueError, IndexError):
+            return None
+        if not built.schema.equals(query.schema, check_metadata=True):
+            return None
+        return layout
+
+    def build(self, query: _ArrowQuery, source: pa.RecordBatch) -> pa.RecordBatch:
+        """Return the query's items over `source` as one batch."""
+        out = source.select(self.kept)
+        for position in self.computed:
+            values = query.items[position].evaluate(source)
+            cast = query.casts[position]
+            if cast is not None:
+                values = values.cast(cast)
+            out = out.add_column(position, query.schema.field(position), values)
+        return out
+
+
+def _column_index(tree: Any, schema: pa.Schema) -> int | None:
+    """Return the field of `schema` that a tree only names, or None."""
+    while isinstance(tree, dict) and "Alias" in tree:
+        tree = tree["Alias"][0]
+    if isinstance(tree, dict) and tree.keys() == {"Column"}:
+        index = schema.get_field_index(tree["Column"])
+        return index if index >= 0 else None
+    return None
 
 
 # Tokens of a query: blanks, quoted text and names, words, comment starts and
