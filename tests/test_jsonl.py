@@ -23,6 +23,7 @@ from pydantic import ValidationError
 import dataflare.connectors.files.jsonl as jsonl_module
 from dataflare import Pipeline
 from dataflare.connectors.files.jsonl import (
+    JsonLinesParser,
     JsonLinesSink,
     JsonLinesSinkConfig,
     JsonLinesSource,
@@ -1273,3 +1274,65 @@ def test_read_ahead_raises_reading_errors() -> None:
     assert next(ahead) == bytearray(b"a\n")
     with pytest.raises(OSError, match="disk gone"):
         next(ahead)
+
+
+TIMES = [
+    "2024-05-01T10:00:00+02:00",
+    "2300-01-01T00:00:00",
+    "0001-01-01T00:00:00+01:00",
+    "1677-09-21T00:12:43.145225",
+    "1677-09-21T00:12:43.145224",
+    "2262-04-11T23:47:16.854775Z",
+    "2262-04-11T23:47:16.854776Z",
+    "9999-12-31T23:00:00-05:00",
+]
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        pa.timestamp("ns"),
+        pa.timestamp("ns", tz="UTC"),
+        pa.timestamp("us"),
+        pa.timestamp("us", tz="UTC"),
+    ],
+)
+@pytest.mark.parametrize("native", [True, False])
+def test_jsonl_timestamps_same_alone_and_in_block(
+    dtype: pa.TimestampType, native: bool
+) -> None:
+    """A time reads the same whether its block is parsed whole or line by line.
+
+    Nanosecond fields reject the times they cannot hold (1677-2262), and
+    times that an offset moves out of years 1 to 9999 keep Arrow's value.
+    """
+    parser = JsonLinesParser(pa.schema([("t", dtype)]), "f", native=native)
+    lines = [orjson.dumps({"t": text}) for text in TIMES]
+    whole = parser.parse_block(b"\n".join(lines) + b"\n")
+    # A line that is not an object makes the parser read its block line by line.
+    alone = [parser.parse_block(line + b"\n[1]\n") for line in lines]
+
+    expected = {}
+    for number, text in enumerate(TIMES, start=1):
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        offset = parsed.utcoffset() or dt.timedelta()
+        micros = (parsed.replace(tzinfo=None) - dt.datetime(1970, 1, 1) - offset) // (
+            dt.timedelta(microseconds=1)
+        )
+        if dtype.unit == "us":
+            expected[number] = micros
+        elif pd.Timestamp.min.value <= micros * 1000 <= pd.Timestamp.max.value:
+            expected[number] = micros * 1000
+    kept = list(range(1, whole.batch.num_rows + 1))
+    if whole.numbers is not None:
+        kept = whole.numbers.tolist()
+    values = whole.batch.column(0).cast(pa.int64()).to_pylist()
+    assert dict(zip(kept, values, strict=True)) == expected
+    for number, result in enumerate(alone, start=1):
+        values = result.batch.column(0).cast(pa.int64()).to_pylist()
+        assert values == ([expected[number]] if number in expected else [])
+        if number not in expected:
+            assert "nanosecond timestamp (years 1677 to 2262" in result.rejected[0][1]
+    assert [n for _, _, n in whole.rejected] == [
+        n for n in range(1, 9) if n not in expected
+    ]
