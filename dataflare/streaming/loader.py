@@ -51,7 +51,7 @@ _FALSE_TEXTS = {"false", "no", "off", "0"}
 _SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}|\{\{).)*)\}\}\s*$", re.S)
 
 
-class PipelineYamlLoader(yaml.SafeLoader):
+class PipelineYamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """YAML loader with YAML 1.2 booleans: only true and false.
 
     YAML 1.1 also reads yes, no, on and off as booleans, which would turn a
