@@ -38,6 +38,7 @@ class Run:
     Attributes:
         wall: Whole-process wall time in seconds.
         peak_mb: Peak resident memory in MB (10^6 bytes).
+        cpu: CPU time of the process, user and system, in seconds.
         code: Exit code, or a negative signal number.
         result: The `RESULT` line the program printed, parsed.
         samples: `(seconds since start, resident MB)` pairs.
@@ -47,6 +48,7 @@ class Run:
     wall: float
     peak_mb: float
     code: int
+    cpu: float = 0.0
     result: dict[str, Any] = field(default_factory=dict)
     samples: list[tuple[float, float]] = field(default_factory=list)
     error: str = ""
@@ -115,7 +117,7 @@ def run(
 
         started = time.perf_counter()
         child = subprocess.Popen(
-            [str(GNU_TIME), "-f", "%M", "-o", peak.name, *command],
+            [str(GNU_TIME), "-f", "%U %S %M", "-o", peak.name, *command],
             stdout=out,
             stderr=err,
             stdin=subprocess.DEVNULL,
@@ -151,10 +153,11 @@ def run(
         err.seek(0)
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
-        # GNU time writes the peak in KiB as its last line, after a line
-        # "Command exited with non-zero status N" when the program failed.
-        lines = Path(peak.name).read_text().split()
-        peak_kib = int(lines[-1]) if lines and lines[-1].isdigit() else 0
+        # GNU time writes user and system seconds and the peak in KiB as its
+        # last line, after a line "Command exited with non-zero status N"
+        # when the program failed.
+        lines = Path(peak.name).read_text().splitlines()
+        user, system, peak_kib = _time_line(lines[-1] if lines else "")
     result: dict[str, Any] = {}
     for line in stdout.splitlines():
         if line.startswith("RESULT "):
@@ -164,10 +167,20 @@ def run(
         wall=wall,
         peak_mb=peak_kib * 1024 / 1e6,
         code=code,
+        cpu=user + system,
         result=result,
         samples=samples,
         error="" if code == 0 else stderr[-2000:],
     )
+
+
+def _time_line(line: str) -> tuple[float, float, int]:
+    """Return user seconds, system seconds and peak KiB from GNU time's line."""
+    try:
+        user, system, peak = line.split()
+        return float(user), float(system), int(peak)
+    except ValueError:
+        return 0.0, 0.0, 0
 
 
 IDLE_FRAMES = (

@@ -203,6 +203,7 @@ def _row(run: measure.Run, **extra: Any) -> dict[str, Any]:
     return {
         "wall": run.wall,
         "peak_mb": run.peak_mb,
+        "cpu": run.cpu,
         "ok": run.ok,
         "code": run.code,
         "result": run.result,
