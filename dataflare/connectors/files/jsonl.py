@@ -794,9 +794,9 @@ def _timestamp_converter(dtype: pa.TimestampType) -> Converter:
     """Return the converter of ISO 8601 text to a value of `dtype`.
 
     For microsecond and nanosecond fields the value is the count of units
-    since the epoch, so that a time which moves out of Python's years 1 to
-    9999 when its offset is applied keeps the value Arrow's JSON reader
-    gives it, and a nanosecond field rejects a time it cannot hold.
+    since the epoch, not a `datetime`. So a time that its offset moves out
+    of Python's years 1 to 9999 keeps the value Arrow's JSON reader gives
+    it, and a nanosecond field rejects a time it cannot hold.
     """
     zone = dt.UTC if dtype.tz is not None else None
     unit = dtype.unit
