@@ -76,3 +76,70 @@ def test_load_file_with_bom(tmp_path: Path) -> None:
 def test_missing_file() -> None:
     with pytest.raises(PipelineValidationError, match="pipeline file not found"):
         load_file("/nonexistent/pipeline.yaml")
+
+
+def test_merge_keys_are_not_duplicates() -> None:
+    text = (
+        "id: t\n"
+        "base: &base {type: csv, config: {path: a.csv}}\n"
+        "copy:\n"
+        "  <<: *base\n"
+        "  config: {path: b.csv}\n"
+    )
+
+    loaded = load_text(text)
+
+    assert loaded.issues == []
+    assert loaded.data["copy"] == {"type": "csv", "config": {"path": "b.csv"}}
+    assert loaded.line_of(("copy", "config")) == 5
+
+
+def test_alias_lines_point_at_the_alias() -> None:
+    loaded = load_text("id: t\nbase: &b {a: 1}\nuse: *b\n")
+
+    assert loaded.data["use"] == {"a": 1}
+    assert loaded.line_of(("use", "a")) == 3
+    assert loaded.line_of(("base", "a")) == 2
+
+
+def test_recursive_alias_rejected_with_line() -> None:
+    with pytest.raises(PipelineValidationError) as raised:
+        load_text("id: t\nmetadata: &m {self: *m}\n")
+
+    [issue] = raised.value.issues
+    assert issue.line == 2
+    assert "alias refers to a node that contains it" in issue.message
+
+
+def test_alias_bomb_rejected_quickly() -> None:
+    lines = ["id: t", "l0: &l0 [" + ", ".join(["x"] * 9) + "]"]
+    for level in range(1, 9):
+        aliases = ", ".join([f"*l{level - 1}"] * 9)
+        lines.append(f"l{level}: &l{level} [{aliases}]")
+
+    with pytest.raises(PipelineValidationError) as raised:
+        load_text("\n".join(lines) + "\n")
+
+    [issue] = raised.value.issues
+    assert "expand to more than 1,000,000 values" in issue.message
+    assert issue.line == 8  # l6, the first list of more than a million values
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ("id: t\nsources:\n\ts: {}\n", 3, "'\\t'"),
+        ("id: t\nsources: *nope\n", 2, "'nope'"),
+        ('id: t\nx: "a\\qb"\n', 2, "'q'"),
+        ('id: t\n# \u00e9\u00e9\nx: "a\x01b"\n', 3, "#x0001"),
+    ],
+)
+def test_invalid_yaml_names_character_and_line(
+    text: str, line: int, words: str
+) -> None:
+    with pytest.raises(PipelineValidationError) as raised:
+        load_text(text)
+
+    [issue] = raised.value.issues
+    assert issue.line == line
+    assert words in issue.message

@@ -434,7 +434,7 @@ def test_single_parse_equals_compose_and_load() -> None:
     slow = LoadedFile(yaml.load(YAML_SAMPLE, Loader=PipelineYamlLoader), "")
     nodes = yaml.compose(YAML_SAMPLE, Loader=PipelineYamlLoader)
     assert nodes is not None
-    loader._collect_lines(nodes, (), slow)
+    loader._collect_lines(nodes, (), slow, set())
 
     assert fast.data == slow.data
     assert fast.data["on"] == "yes"

@@ -51,7 +51,7 @@ _FALSE_TEXTS = {"false", "no", "off", "0"}
 _SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}|\{\{).)*)\}\}\s*$", re.S)
 
 
-class PipelineYamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+class PipelineYamlLoader(yaml.SafeLoader):
     """YAML loader with YAML 1.2 booleans: only true and false.
 
     YAML 1.1 also reads yes, no, on and off as booleans, which would turn a
@@ -59,17 +59,37 @@ class PipelineYamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type
     """
 
 
-PipelineYamlLoader.yaml_implicit_resolvers = {
-    first: [
-        (tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"
-    ]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-PipelineYamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool",
-    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-    list("tTfF"),
-)
+class _FastPipelineYamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """`PipelineYamlLoader` on libyaml's parser, where PyYAML was built with it.
+
+    It parsed the benchmark's W1 file in about 1 ms against 10 ms, with the
+    same nodes and lines. Its error messages leave out the character,
+    alias or anchor at fault, and give a byte position instead of a line
+    for control characters, so a file it rejects is parsed again with
+    `PipelineYamlLoader` for the message.
+    """
+
+
+for _loader in (PipelineYamlLoader, _FastPipelineYamlLoader):
+    _loader.yaml_implicit_resolvers = {
+        first: [
+            (tag, regexp)
+            for tag, regexp in resolvers
+            if tag != "tag:yaml.org,2002:bool"
+        ]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    _loader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool",
+        re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+        list("tTfF"),
+    )
+
+MAX_YAML_VALUES = 1_000_000
+"""Values a pipeline file may hold once its aliases are expanded. Aliases of
+aliases grow exponentially (nine aliases to a list of nine aliases, eight
+levels deep, is 43 million values), and every later walk of the data would
+pay for each."""
 
 
 @dataclass
@@ -99,17 +119,20 @@ def load_text(text: str, source: str = "<string>") -> LoadedFile:
     """Parse pipeline YAML, keeping the line of every key and list item.
 
     Raises:
-        PipelineValidationError: invalid YAML, or a document that is not a mapping.
+        PipelineValidationError: invalid YAML, a document that is not a
+            mapping, or aliases that contain themselves or expand to more
+            than `MAX_YAML_VALUES` values.
     """
+    loaded = LoadedFile({}, source)
     try:
-        node, data = _parse_yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PipelineValidationError(
-            [ValidationIssue((), f"invalid YAML: {problem}", line=line)], source
-        ) from exc
+        data = _parse_yaml(text, _FastPipelineYamlLoader, loaded)
+    except yaml.YAMLError as fast_error:
+        loaded = LoadedFile({}, source)
+        try:  # for the pure-Python parser's message, which names more
+            data = _parse_yaml(text, PipelineYamlLoader, loaded)
+        except yaml.YAMLError as exc:
+            raise _yaml_error(exc, text, source) from exc
+        raise _yaml_error(fast_error, text, source) from fast_error
     if not isinstance(data, dict):
         issue = ValidationIssue(
             (),
@@ -118,24 +141,48 @@ def load_text(text: str, source: str = "<string>") -> LoadedFile:
             line=1,
         )
         raise PipelineValidationError([issue], source)
-    loaded = LoadedFile(data, source)
-    if node is not None:
-        _collect_lines(node, (), loaded)
+    loaded.data = data
     return loaded
 
 
-def _parse_yaml(text: str) -> tuple[yaml.Node | None, Any]:
-    """Return the node tree (for line numbers) and the data of one document.
+def _yaml_error(exc: yaml.YAMLError, text: str, source: str) -> PipelineValidationError:
+    mark = getattr(exc, "problem_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    problem = getattr(exc, "problem", None) or str(exc)
+    if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):
+        # A character the YAML reader does not accept, at a character index.
+        line = text.count("\n", 0, exc.position) + 1
+        problem = (
+            f"character #x{exc.character:04x} is not allowed; remove it, or "
+            "write it as an escape such as \\x01 in a double-quoted string"
+        )
+    return PipelineValidationError(
+        [ValidationIssue((), f"invalid YAML: {problem}", line=line)], source
+    )
 
-    The data is built from the node tree, so the text is parsed once.
+
+def _parse_yaml(text: str, loader_class: type[Any], loaded: LoadedFile) -> Any:
+    """Parse one document, note its lines in `loaded` and return its data.
+
+    The data is built from the node tree, so the text is parsed once. The
+    lines are noted first, because building the data merges `<<` keys into
+    their mappings, where they would look like duplicate keys.
+
+    Raises:
+        yaml.YAMLError: the text is not valid YAML.
+        PipelineValidationError: aliases that contain themselves or expand
+            to too many values.
     """
-    loader = PipelineYamlLoader(text)  # a SafeLoader
+    loader = loader_class(text)
     try:
         node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
+        if node is None:
+            return None
+        _check_aliases(node, loaded.source)
+        _collect_lines(node, (), loaded, set())
+        return loader.construct_document(node)
     finally:
         loader.dispose()
-    return node, data
 
 
 def load_file(path: str | Path) -> LoadedFile:
@@ -158,11 +205,80 @@ def load_file(path: str | Path) -> LoadedFile:
     return load_text(text, str(path))
 
 
-def _collect_lines(node: yaml.Node, path: Path_, loaded: LoadedFile) -> None:
+def _check_aliases(root: yaml.Node, source: str) -> None:
+    """Reject aliases that contain themselves or expand to too many values.
+
+    Raises:
+        PipelineValidationError: naming the line of the alias at fault.
+    """
+    sizes: dict[int, int] = {}  # expanded value count by node id
+    open_nodes: set[int] = set()  # nodes whose children are being counted
+    # Walk without recursion, so that deep nesting cannot exhaust the stack.
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[key] > MAX_YAML_VALUES:
+                raise _alias_error(
+                    node,
+                    source,
+                    f"the file's aliases expand to more than {MAX_YAML_VALUES:,} "
+                    "values",
+                    "use fewer aliases of aliases",
+                )
+            continue
+        if key in sizes:
+            continue  # an alias of a node already counted
+        if key in open_nodes:
+            raise _alias_error(
+                node,
+                source,
+                "an alias refers to a node that contains it",
+                "an anchor's value cannot contain an alias to that anchor",
+            )
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in reversed(_children(node)))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _alias_error(
+    node: yaml.Node, source: str, message: str, hint: str
+) -> PipelineValidationError:
+    issue = ValidationIssue(
+        (), f"invalid YAML: {message}", hint=hint, line=node.start_mark.line + 1
+    )
+    return PipelineValidationError([issue], source)
+
+
+def _collect_lines(
+    node: yaml.Node, path: Path_, loaded: LoadedFile, visited: set[int]
+) -> None:
+    """Note the line of every key and item under `node`, and duplicate keys.
+
+    A node reached again through an alias is not walked again: its lines
+    are those of its anchor. Merge keys (`<<`) are skipped, so the keys they
+    bring in and the keys beside them are not duplicates.
+    """
     loaded.lines.setdefault(path, node.start_mark.line + 1)
+    if id(node) in visited:
+        return
+    visited.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = key_node.value
             line = key_node.start_mark.line + 1
             if key in seen:
@@ -178,11 +294,11 @@ def _collect_lines(node: yaml.Node, path: Path_, loaded: LoadedFile) -> None:
             seen[key] = line
             # A key's own line is where an error about its value points.
             loaded.lines[(*path, key)] = line
-            _collect_lines(value_node, (*path, key), loaded)
+            _collect_lines(value_node, (*path, key), loaded, visited)
             loaded.lines[(*path, key)] = line
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _collect_lines(item, (*path, index), loaded)
+            _collect_lines(item, (*path, index), loaded, visited)
 
 
 # --- templates -------------------------------------------------------------
@@ -398,7 +514,7 @@ def coerce_parameter(raw: Any, kind: str) -> tuple[Any, str | None]:
             if lowered in _TRUE_TEXTS | _FALSE_TEXTS:
                 return lowered in _TRUE_TEXTS, None
             return _INVALID, _EXPECTED[kind]
-        value = yaml.load(text, Loader=PipelineYamlLoader)  # a SafeLoader
+        value = yaml.load(text, Loader=_FastPipelineYamlLoader)  # a safe loader
     except (ValueError, yaml.YAMLError):
         return _INVALID, _EXPECTED[kind]
     checked = _check_type(value, kind)
