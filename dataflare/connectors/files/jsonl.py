@@ -783,49 +783,44 @@ def _to_float(value: Any) -> float:
     raise ValueError("is not a valid number")
 
 
-_NS_RANGE_US = (-(2**63) // 1000 + 1, (2**63 - 1) // 1000)
-"""Microseconds since the epoch that a nanosecond timestamp can hold: the
-UTC times from 1677-09-21 00:12:43.145225 to 2262-04-11 23:47:16.854775."""
+_INT64_RANGE = (-(2**63), 2**63 - 1)
 _EPOCH = dt.datetime(1970, 1, 1)
 _MICROSECOND = dt.timedelta(microseconds=1)
+_FRACTION = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}[.,](\d+)")
+_PER_MICROSECOND = {"s": 1_000_000, "ms": 1000, "us": 1}
 
 
 def _timestamp_converter(dtype: pa.TimestampType) -> Converter:
     """Return the converter of ISO 8601 text to a value of `dtype`.
 
-    For microsecond and nanosecond fields the value is the count of units
-    since the epoch, not a `datetime`. So a time that its offset moves out
-    of Python's years 1 to 9999 keeps the value Arrow's JSON reader gives
-    it, and a nanosecond field rejects a time it cannot hold.
+    The value is the count of units since the epoch, not a `datetime`. So
+    a time that its offset moves out of Python's years 1 to 9999 keeps the
+    value Arrow's JSON reader gives it, and nanoseconds are not cut to
+    microseconds. Fractional digits beyond the unit are dropped, and a
+    nanosecond time outside 1677-2262 is rejected.
     """
-    zone = dt.UTC if dtype.tz is not None else None
     unit = dtype.unit
 
-    def convert(value: Any) -> dt.datetime | int:
+    def convert(value: Any) -> int:
         if not isinstance(value, str):
             raise ValueError("is not a valid timestamp (write an ISO 8601 string)")
         try:
             parsed = dt.datetime.fromisoformat(value)
         except ValueError:
             raise ValueError("is not a valid timestamp (ISO 8601)") from None
-        if unit in ("us", "ns"):
-            offset = parsed.utcoffset() or dt.timedelta()
-            micros = (parsed.replace(tzinfo=None) - _EPOCH - offset) // _MICROSECOND
-            if unit == "us":
-                return micros
-            if not _NS_RANGE_US[0] <= micros <= _NS_RANGE_US[1]:
-                raise ValueError(
-                    "is outside the range of a nanosecond timestamp (years 1677 "
-                    "to 2262 in UTC); declare the field with unit us"
-                )
-            return micros * 1000
-        if parsed.tzinfo is None:
-            return parsed.replace(tzinfo=zone)
-        try:
-            utc = parsed.astimezone(dt.UTC)
-        except OverflowError:  # the offset moves it out of years 1 to 9999
-            raise ValueError("is outside the years 1 to 9999 in UTC") from None
-        return utc if zone is not None else utc.replace(tzinfo=None)
+        offset = parsed.utcoffset() or dt.timedelta()
+        micros = (parsed.replace(tzinfo=None) - _EPOCH - offset) // _MICROSECOND
+        if unit != "ns":
+            return micros // _PER_MICROSECOND[unit]
+        fraction = _FRACTION.match(value)
+        digits = "" if fraction is None else fraction.group(1)
+        nanos = micros * 1000 + int(digits[6:9].ljust(3, "0"))
+        if not _INT64_RANGE[0] <= nanos <= _INT64_RANGE[1]:
+            raise ValueError(
+                "is outside the range of a nanosecond timestamp (years 1677 "
+                "to 2262 in UTC); declare the field with unit us"
+            )
+        return nanos
 
     return convert
 
