@@ -249,3 +249,20 @@ def test_filter_slices_adjacent_rows(context: Any) -> None:
     assert filtered.column("i").to_pylist() == [20, 30]
     assert filtered.column("i").offset == 0  # a copy: the input may be large
     assert context.counters["filtered"] == 2 + 31
+
+
+@pytest.mark.parametrize("dtype", [pa.string_view(), pa.binary_view()])
+def test_filter_view_columns(context: Any, dtype: pa.DataType) -> None:
+    values = [b"a", b"bb", None, b"a text longer than twelve bytes"] * 10
+    if dtype == pa.string_view():
+        values = [None if v is None else v.decode() for v in values]
+    batch = pa.RecordBatch.from_pydict(
+        {"i": list(range(40)), "v": pa.array(values, dtype)}
+    )
+
+    [out] = make(context, "i % 3 = 0 OR i < 2").process(batch)
+
+    kept = [i for i in range(40) if i % 3 == 0 or i < 2]
+    assert out.schema == batch.schema
+    assert out.column("i").to_pylist() == kept
+    assert out.column("v").to_pylist() == [values[i] for i in kept]

@@ -390,3 +390,15 @@ def test_sql_arrow_renamed_columns_built_from_arrays(context: Any) -> None:
     assert arrow is not None and arrow.layout is None  # a select keeps names
     assert out.schema.names == ["n", "gained"]
     assert out.column("n").equals(NO_NAN.column("id"))
+
+
+def test_sql_arrow_drops_schema_metadata(context: Any) -> None:
+    batch = NO_NAN.replace_schema_metadata({"origin": "x"})
+    transform = make(context, "SELECT id, i - j AS gained FROM input")
+
+    [out] = transform.process(batch)
+
+    arrow = transform._plan(batch.schema).arrow
+    assert arrow is not None and arrow.layout is not None
+    assert out.schema.metadata is None
+    assert out.schema == transform.output_schema([batch.schema])

@@ -427,6 +427,8 @@ class _Layout:
             if cast is not None:
                 values = values.cast(cast)
             out = out.add_column(position, query.schema.field(position), values)
+        if out.schema.metadata:  # the input's, which the query's schema drops
+            out = out.replace_schema_metadata()
         return out
 
 
