@@ -143,3 +143,24 @@ def test_invalid_yaml_names_character_and_line(
     [issue] = raised.value.issues
     assert issue.line == line
     assert words in issue.message
+
+
+def test_unquoted_template_expression_gets_hint() -> None:
+    text = "id: t\nexecution:\n  max_batch_rows: {{ rows }}\n"
+
+    with pytest.raises(PipelineValidationError) as raised:
+        load_text(text)
+
+    [issue] = raised.value.issues
+    assert issue.line == 3
+    assert "unhashable key" in issue.message
+    assert issue.hint is not None and '"{{ name }}"' in issue.hint
+
+
+def test_list_as_key_rejected() -> None:
+    with pytest.raises(PipelineValidationError) as raised:
+        load_text("id: t\n? [a, b]\n: 1\n")
+
+    [issue] = raised.value.issues
+    assert issue.line == 2
+    assert "unhashable key" in issue.message

@@ -156,8 +156,14 @@ def _yaml_error(exc: yaml.YAMLError, text: str, source: str) -> PipelineValidati
             f"character #x{exc.character:04x} is not allowed; remove it, or "
             "write it as an escape such as \\x01 in a double-quoted string"
         )
+    hint = None
+    lines = text.splitlines()
+    if line is not None and line <= len(lines) and "{{" in lines[line - 1]:
+        # Unquoted, `{{ name }}` is a YAML mapping inside a mapping.
+        hint = 'put a template expression in quotes: "{{ name }}"'
     return PipelineValidationError(
-        [ValidationIssue((), f"invalid YAML: {problem}", line=line)], source
+        [ValidationIssue((), f"invalid YAML: {problem}", hint=hint, line=line)],
+        source,
     )
 
 
@@ -279,6 +285,8 @@ def _collect_lines(
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # building the data rejects it, in PyYAML's words
             key = key_node.value
             line = key_node.start_mark.line + 1
             if key in seen:
