@@ -100,14 +100,22 @@ class Pipeline:
         *,
         event_time: Mapping[str, Any] | None = None,
         watermark: Mapping[str, Any] | None = None,
+        replay: Mapping[str, Any] | None = None,
         **config: Any,
     ) -> str:
-        """Add a source step; return its id for use in `inputs`."""
+        """Add a source step; return its id for use in `inputs`.
+
+        `event_time`, `watermark` and `replay` are the step's own settings;
+        every other keyword goes into its `config`, `mode` included, which
+        the `postgres` and `mysql` sources read there.
+        """
         spec: dict[str, Any] = {"type": type, "config": config}
         if event_time is not None:
             spec["event_time"] = dict(event_time)
         if watermark is not None:
             spec["watermark"] = dict(watermark)
+        if replay is not None:
+            spec["replay"] = dict(replay)
         self._data["sources"][step] = spec
         return step
 

@@ -3,9 +3,13 @@ when no value in their batch parses."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
 
 from dataflare import Pipeline
 
@@ -19,19 +23,26 @@ def write_lines(path: Path, records: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def run(path: Path, tmp_path: Path, **source: Any) -> tuple[list[Any], list[Any]]:
+def run(
+    path: Path,
+    tmp_path: Path,
+    *,
+    event_time: dict[str, Any] | None = None,
+    metadata: bool = False,
+    **source: Any,
+) -> tuple[list[Any], list[Any]]:
     p = Pipeline("times")
     src = p.source(
         "src",
         "jsonl",
         path=str(path),
         schema={"k": "string", "at": "string", "pad": "string"},
-        event_time={"field": "at"},
+        event_time=event_time or {"field": "at"},
         **source,
     )
     out = tmp_path / "out.jsonl"
     dead = tmp_path / "dead.jsonl"
-    p.destination("out", "jsonl", [src], path=str(out))
+    p.destination("out", "jsonl", [src], path=str(out), include_metadata=metadata)
     p.errors(dead_letter={"path": str(dead)})
     p.run()
     written = [json.loads(line) for line in out.read_text().splitlines()]
@@ -220,3 +231,48 @@ def test_timestamp_beyond_microseconds_rejected(tmp_path: Path) -> None:
     ]
     # Python has no datetime that far out: the record keeps the seconds.
     assert rejected[0]["record"]["at"] == 10**16
+
+
+@pytest.mark.parametrize("fmt", [None, "%Y-%m-%d %H:%M:%S"])
+def test_local_times_at_clock_changes(tmp_path: Path, fmt: str | None) -> None:
+    """A skipped local time is rejected; a repeated one is the earlier."""
+    zone = ZoneInfo("Europe/Paris")
+    times = [
+        ("a", "2024-03-31 01:30:00"),
+        ("gap", "2024-03-31 02:30:00"),  # clocks go from 02:00 to 03:00
+        ("b", "2024-03-31 03:30:00"),
+        ("twice", "2024-10-27 02:30:00"),  # clocks go from 03:00 back to 02:00
+        ("bad", "garbage"),
+        ("c", "2024-10-27 03:30:00"),
+    ]
+    path = tmp_path / "in.jsonl"
+    write_lines(path, [{"k": k, "at": at, "pad": ""} for k, at in times])
+    event_time: dict[str, Any] = {"field": "at", "timezone": "Europe/Paris"}
+    if fmt is not None:
+        event_time["format"] = fmt
+
+    written, rejected = run(path, tmp_path, event_time=event_time, metadata=True)
+
+    def utc(text: str) -> str:
+        local = dt.datetime.fromisoformat(text).replace(tzinfo=zone, fold=0)
+        return local.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+
+    assert [(r["k"], r["_event_time"]) for r in written] == [
+        (k, utc(at)) for k, at in times if k not in ("gap", "bad")
+    ]
+    assert [r["record"]["k"] for r in rejected] == ["gap", "bad"]
+    assert "does not exist in time zone 'Europe/Paris'" in rejected[0]["reason"]
+    assert "does not match format" in rejected[1]["reason"]
+
+
+def test_python_api_sets_replay(tmp_path: Path) -> None:
+    times = ["2024-03-01T10:00:02Z", "2024-03-01T10:00:00Z", "2024-03-01T10:00:01Z"]
+    path = tmp_path / "in.jsonl"
+    write_lines(
+        path, [{"k": str(i), "at": at, "pad": ""} for i, at in enumerate(times)]
+    )
+
+    written, rejected = run(path, tmp_path, replay={"sort_by_event_time": True})
+
+    assert [r["at"] for r in written] == sorted(times)
+    assert rejected == []

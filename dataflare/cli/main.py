@@ -239,6 +239,8 @@ def validate(pipeline_file: Path, params: tuple[str, ...], output_format: str) -
 
     \b
     Exit code 0 when the file is valid, 2 when it is not.
+
+    \b
     Example:
       dataflare validate examples/flights-delays.yaml
     """

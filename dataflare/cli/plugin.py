@@ -289,6 +289,8 @@ def validate(path: Path) -> None:
 
     \b
     Exit code 0 when it is valid, 2 when problems are found.
+
+    \b
     Example:
       dataflare plugin validate plugins/delay_filter
     """
@@ -311,7 +313,7 @@ def _parse_config(
         raise click.BadParameter(f"not valid JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise click.BadParameter(
-            f"must be a JSON object such as '{{\"threshold\": 15}}', not {value!r}"
+            f"must be a JSON object such as '{{\"min_delay\": 15}}', not {value!r}"
         )
     return config
 
@@ -343,8 +345,9 @@ def test(path: Path, input_path: Path, config: dict[str, Any], limit: int) -> No
 
     \b
     Example:
-      dataflare plugin test plugins/delay_filter --input flights.csv \\
-          --config '{"threshold": 15}'
+      dataflare plugin test examples/plugins/delay_filter \\
+          --input examples/plugins/delay_filter/sample.csv \\
+          --config '{"min_delay": 15}'
     """
     table = _run_tool("run_plugin", path, input_path, config)
     rows = table.num_rows

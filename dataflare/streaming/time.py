@@ -13,8 +13,9 @@ does not load it.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -92,12 +93,12 @@ class EventTimeExtractor:
         expr = self._source
         if isinstance(dtype, pl.Datetime):
             if dtype.time_zone is None:
-                expr = expr.dt.replace_time_zone(self.spec.timezone)
+                expr = expr.dt.replace_time_zone(self.spec.timezone, **LOCAL_TIME_RULES)
             return expr.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
         if dtype == pl.Date:
             return (
                 expr.cast(pl.Datetime("us"))
-                .dt.replace_time_zone(self.spec.timezone)
+                .dt.replace_time_zone(self.spec.timezone, **LOCAL_TIME_RULES)
                 .dt.convert_time_zone("UTC")
             )
         if dtype.is_numeric():
@@ -198,12 +199,51 @@ class EventTimeExtractor:
                 return (
                     f"missing event time: field {self.spec.field!r} is empty or absent"
                 )
+            if _is_local_time(value, self.spec.format):
+                return (
+                    f"invalid event time: field {self.spec.field!r} value "
+                    f"{value!r} does not exist in time zone "
+                    f"{self.spec.timezone!r}, whose clocks skip it (a daylight "
+                    "saving time change); correct the time or give its offset"
+                )
             fmt = self.spec.format or "ISO 8601"
             return (
                 f"invalid event time: field {self.spec.field!r} value {value!r} "
                 f"does not match format {fmt!r}"
             )
         return f"missing event time: expression {self.spec.expression!r} gave no value"
+
+
+LOCAL_TIME_RULES: dict[str, Any] = {"ambiguous": "earliest", "non_existent": "null"}
+"""How local times without an offset become UTC where the time zone's clocks
+change. A time that occurs twice (clocks set back) is the earlier of the
+two, as `java.time.ZonedDateTime` takes it; a time that never occurs (clocks
+set forward) gives no event time, so its record is rejected."""
+
+
+def _is_local_time(value: object, fmt: str | None) -> bool:
+    """Tell whether `value` reads as a local time without an offset.
+
+    Such a value only fails to become an event time when its time zone's
+    clocks skip it.
+    """
+    import polars as pl
+
+    if isinstance(value, dt.datetime):
+        return value.tzinfo is None
+    if not isinstance(value, str):
+        return False
+    fmt = None if fmt in (None, "iso8601") else fmt
+    try:
+        parsed = pl.Series([value]).str.to_datetime(fmt, time_unit="us", strict=False)
+    except pl.exceptions.PolarsError:
+        return False
+    dtype = parsed.dtype
+    return (
+        isinstance(dtype, pl.Datetime)
+        and dtype.time_zone is None
+        and parsed.item() is not None
+    )
 
 
 def _cast_in_range(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
@@ -297,7 +337,7 @@ def _normalise(times: pl.Series, timezone: str) -> pl.Series:
     dtype = times.dtype
     if isinstance(dtype, pl.Datetime):
         if dtype.time_zone is None:
-            times = times.dt.replace_time_zone(timezone)
+            times = times.dt.replace_time_zone(timezone, **LOCAL_TIME_RULES)
         return times.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
     return times.cast(pl.Datetime("us", "UTC"), strict=False)
 
