@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dataflare import Pipeline
 from dataflare.streaming.errors import PipelineValidationError, ValidationIssue
 from dataflare.streaming.loader import load_text
 from dataflare.streaming.schema import pipeline_json_schema
@@ -406,3 +407,59 @@ errors: {{dead_letter: {{path: {tmp_path}}}}}
     [issue] = caught.value.issues
     assert issue.path == ("errors", "dead_letter", "path")
     assert issue.message == "is a folder, not a file"
+
+
+def test_file_destination_inputs_need_same_fields(tmp_path: Path) -> None:
+    p = Pipeline("mixed")
+    rows = p.source("rows", "memory", records=[{"a": 1, "b": 2}])
+    both = p.transform("both", "sql", [rows], query="SELECT a, b FROM input")
+    one = p.transform("one", "sql", [rows], query="SELECT a FROM input")
+    p.destination("out", "jsonl", [both, one], path=str(tmp_path / "out.jsonl"))
+
+    with pytest.raises(PipelineValidationError) as raised:
+        p.build()
+
+    [issue] = raised.value.issues
+    assert issue.path[:2] == ("destinations", "out")
+    assert "input 'one' has fields ['a'], but input 'both' has ['a', 'b']" in (
+        issue.message
+    )
+
+
+def test_file_destination_inputs_may_differ_in_metadata(tmp_path: Path) -> None:
+    p = Pipeline("metadata")
+    rows = p.source(
+        "rows",
+        "memory",
+        records=[{"a": 1, "t": "2024-01-01T00:00:00Z"}],
+        event_time={"field": "t"},
+    )
+    kept = p.transform("kept", "filter", [rows], condition="a > 0")
+    plain = p.transform("plain", "sql", [rows], query="SELECT a, t FROM input")
+    out = tmp_path / "out.jsonl"
+    p.destination("out", "jsonl", [kept, plain], path=str(out))
+
+    p.run()  # `kept` has _event_time, `plain` not; the sink drops it
+
+    assert out.read_text().splitlines() == ['{"a":1,"t":"2024-01-01T00:00:00Z"}'] * 2
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "parquet"])
+def test_missing_input_with_schema_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    p = Pipeline("missing")
+    schema = {} if kind == "parquet" else {"schema": {"a": "int"}}
+    path = str(tmp_path / f"none.{kind}")
+    rows = p.source("rows", kind, path=path, **schema)
+    p.destination("out", "memory", [rows])
+
+    if kind == "parquet":  # no schema to declare: a missing file is invalid
+        with pytest.raises(PipelineValidationError):
+            p.build()
+        return
+    with caplog.at_level("WARNING"):
+        summary = p.run()
+
+    assert summary.output("out").num_rows == 0
+    assert f"no input files match path {path!r}" in caplog.text

@@ -90,6 +90,7 @@ class MemorySink(Sink[MemorySinkConfig]):
 
     metadata = PluginMetadata("memory", PluginKind.SINK, "Collect records in memory")
     Config = MemorySinkConfig
+    same_fields = True  # the records become one table
 
     def open(self) -> None:
         self._batches: list[pa.RecordBatch] = []

@@ -387,6 +387,10 @@ class Sink(Plugin[ConfigT]):
     #: `open()`; lets a sink write a valid empty output when no record comes.
     input_schema: pa.Schema | None = None
 
+    #: Whether every record must have the same fields, as in one file. The
+    #: validation then rejects inputs whose fields differ.
+    same_fields: ClassVar[bool] = False
+
     @abstractmethod
     def write(self, batch: pa.RecordBatch) -> None:
         """Write one batch. Reserved metadata columns are already removed

@@ -33,11 +33,13 @@ from pydantic import BaseModel, ValidationError
 
 from dataflare.plugin.interface import (
     EVENT_TIME,
+    RESERVED_COLUMNS,
     ConfigError,
     FieldNotFoundError,
     Plugin,
     PluginConfig,
     Sink,
+    SinkConfig,
     Source,
     Transform,
 )
@@ -801,9 +803,38 @@ def _step_schema(
                 "key to partition by"
             )
     elif isinstance(plugin, Sink):
+        if plugin.same_fields:
+            _check_same_fields(step, plugin, inputs)
         step.input_schema = inputs[0]
         return
     schemas[InputRef(step.id)] = step.output_schema
+
+
+def _check_same_fields(
+    step: StepPlan,
+    plugin: Sink,  # type: ignore[type-arg]
+    inputs: list[pa.Schema],
+) -> None:
+    """Raise ValueError if the inputs of a one-schema sink have other fields.
+
+    The reserved columns count only when the sink keeps them.
+    """
+    keep = isinstance(plugin.config, SinkConfig) and plugin.config.include_metadata
+
+    def names(schema: pa.Schema) -> list[str]:
+        return [n for n in schema.names if keep or n not in RESERVED_COLUMNS]
+
+    first = names(inputs[0])
+    for ref, schema in zip(step.inputs[1:], inputs[1:], strict=True):
+        other = names(schema)
+        if other != first:
+            raise ValueError(
+                f"input {ref.step!r} has fields {other}, but input "
+                f"{step.inputs[0].step!r} has {first}; every record this "
+                "destination writes must have the same fields in the same "
+                "order, so select the same fields in each input (an sql step "
+                "can), or write each input to its own destination"
+            )
 
 
 def requires_event_time(schema: pa.Schema, step: str, what: str) -> None:

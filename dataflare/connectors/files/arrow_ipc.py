@@ -46,6 +46,7 @@ from dataflare.connectors.files.base import (
     FileSourceConfig,
     missing_input_error,
     resolve_paths,
+    warn_if_no_input,
 )
 from dataflare.connectors.files.sinks import FileSink, FileSinkConfig
 from dataflare.plugin.interface import (
@@ -181,7 +182,11 @@ class RecordBatchFileSource(Source[ConfigT], Generic[ConfigT]):
 
     def open(self) -> None:
         self._schema = self.schema()
-        for path in resolve_paths(self.config.path, self.extensions):
+        files = resolve_paths(self.config.path, self.extensions)
+        warn_if_no_input(
+            self.context.logger, self.config.path, files, self.config.follow
+        )
+        for path in files:
             self._count_size(path)
 
     def _count_size(self, path: Path) -> None:

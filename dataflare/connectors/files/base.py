@@ -14,6 +14,7 @@ when a bad record has to be reported.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -116,6 +117,22 @@ def resolve_paths(pattern: str, extensions: Sequence[str]) -> list[Path]:
             Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)
         )
     return [path] if path.is_file() else []
+
+
+def warn_if_no_input(
+    logger: logging.Logger, pattern: str, files: Sequence[Path], follow: bool
+) -> None:
+    """Log a warning when a bounded source's path matches no file.
+
+    With `schema` set such a source is valid and reads nothing, which is
+    easy to miss in the run's summary.
+    """
+    if not files and not follow:
+        logger.warning(
+            "no input files match path %r, so this source reads nothing; "
+            "check the path",
+            pattern,
+        )
 
 
 def missing_input_error(pattern: str, follow: bool) -> ValueError:

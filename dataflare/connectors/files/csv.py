@@ -63,6 +63,7 @@ from dataflare.connectors.files.base import (
     missing_input_error,
     record_end,
     resolve_paths,
+    warn_if_no_input,
 )
 from dataflare.connectors.files.sinks import FileSink, FileSinkConfig
 from dataflare.plugin.interface import (
@@ -244,7 +245,11 @@ class CsvSource(Source[CsvSourceConfig]):
 
     def open(self) -> None:
         self._schema = self.schema()
-        self._progress = ByteProgress(resolve_paths(self.config.path, _EXTENSIONS))
+        files = resolve_paths(self.config.path, _EXTENSIONS)
+        warn_if_no_input(
+            self.context.logger, self.config.path, files, self.config.follow
+        )
+        self._progress = ByteProgress(files)
 
     def close(self) -> None:
         for cursor in self._cursors:

@@ -74,6 +74,7 @@ from dataflare.connectors.files.base import (
     FileSourceConfig,
     missing_input_error,
     resolve_paths,
+    warn_if_no_input,
 )
 from dataflare.connectors.files.sinks import FileSink, FileSinkConfig
 from dataflare.plugin.interface import (
@@ -973,6 +974,9 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
     def open(self) -> None:
         self._schema = self.schema()
         self._files = resolve_paths(self.config.path, _EXTENSIONS)
+        warn_if_no_input(
+            self.context.logger, self.config.path, self._files, self.config.follow
+        )
         self._progress = ByteProgress(self._files)
         self._threads = self.config.parse_threads or _usable_cores()
         if self._threads > 1:

@@ -113,6 +113,7 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
     """Base of file sinks; a format implements `_open_writer`."""
 
     extension: str = ""
+    same_fields = True
 
     @property
     def rolling(self) -> bool:
