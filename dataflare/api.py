@@ -105,9 +105,9 @@ class Pipeline:
     ) -> str:
         """Add a source step; return its id for use in `inputs`.
 
-        `event_time`, `watermark` and `replay` are the step's own settings;
-        every other keyword goes into its `config`, `mode` included, which
-        the `postgres` and `mysql` sources read there.
+        `event_time`, `watermark` and `replay` are the step's own settings.
+        Every other keyword goes into its `config`, `mode` included, because
+        the `postgres` and `mysql` sources read it there.
         """
         spec: dict[str, Any] = {"type": type, "config": config}
         if event_time is not None:

@@ -217,15 +217,15 @@ class EventTimeExtractor:
 LOCAL_TIME_RULES: dict[str, Any] = {"ambiguous": "earliest", "non_existent": "null"}
 """How local times without an offset become UTC where the time zone's clocks
 change. A time that occurs twice (clocks set back) is the earlier of the
-two, as `java.time.ZonedDateTime` takes it; a time that never occurs (clocks
+two, as `java.time.ZonedDateTime` takes it. A time that never occurs (clocks
 set forward) gives no event time, so its record is rejected."""
 
 
 def _is_local_time(value: object, fmt: str | None) -> bool:
     """Tell whether `value` reads as a local time without an offset.
 
-    Such a value only fails to become an event time when its time zone's
-    clocks skip it.
+    `_reason` asks only about values that gave no event time, and a local
+    time gives none only when its time zone's clocks skip it.
     """
     import polars as pl
 
