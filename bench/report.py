@@ -781,24 +781,23 @@ def _one_core_gap(
     parts = []
     for name, two, one in pairs:
         bound = one["wall"] / (serial + (one["wall"] - serial) / 2)
-        cpu = ""
-        if two.get("cpu") and one.get("cpu"):
-            cpu = (
-                f"; the two-core run used {two['cpu']:.2f} s of CPU time "
-                f"against {one['cpu']:.2f} s on one core"
-            )
         parts.append(
             f"{name} took {one['wall']:.2f} s on one core and "
             f"{two['wall']:.2f} s on two ({one['wall'] / two['wall']:.2f}×), "
             f"where a perfect split of all but the start-up would give "
-            f"{bound:.2f}×{cpu}"
+            f"{bound:.2f}×."
         )
+        if two.get("cpu") and one.get("cpu"):
+            parts.append(
+                f"Its two-core run used {two['cpu']:.2f} s of CPU time, "
+                f"against {one['cpu']:.2f} s on one core."
+            )
     return (
         "**W1 and W4 on two cores against one.** The start-up (imports, "
         f"validation: {serial:.2f} s over 1,000 lines) runs on one core "
         "however many there are, so it bounds the ratio. "
-        + "; ".join(parts)
-        + ". The rest of the run spreads over both cores (the parse threads "
+        + " ".join(parts)
+        + " The rest of the run spreads over both cores (the parse threads "
         "and the file reader run without the GIL beside the thread that runs "
         "the chained steps), but not perfectly. Reaching 1.6× needs both a "
         "shorter start-up and a closer to perfect split.\n"
