@@ -575,3 +575,37 @@ def test_mean_of_large_integers(tmp_path: Path, values: list[int]) -> None:
 
     (mean,) = summary.output("out").column("m").to_pylist()
     assert mean == pytest.approx(sum(values) / len(values), rel=1e-12)
+
+
+def test_window_mean_of_text_field_is_invalid() -> None:
+    p = Pipeline("text-mean")
+    rows = p.source(
+        "rows",
+        "memory",
+        records=[{"name": "a", "t": "2024-01-01T00:00:00Z"}],
+        event_time={"field": "t"},
+    )
+    win = p.transform(
+        "win",
+        "window",
+        [rows],
+        size="1h",
+        aggregations={"n": {"fn": "mean", "field": "name"}},
+    )
+    p.destination("out", "memory", [win])
+
+    with pytest.raises(PipelineValidationError) as raised:
+        p.build()
+
+    [issue] = raised.value.issues
+    assert issue.path == (
+        "transformations",
+        "win",
+        "config",
+        "aggregations",
+        "n",
+        "field",
+    )
+    assert "aggregation 'n': mean does not apply to field 'name' of type string" in (
+        issue.message
+    )

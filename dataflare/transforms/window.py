@@ -76,6 +76,7 @@ from dataflare.batch.group_by import group_by
 from dataflare.batch.numpy_arrays import from_numpy, to_numpy
 from dataflare.plugin.interface import (
     EVENT_TIME,
+    ConfigError,
     FieldNotFoundError,
     OperatorContext,
     PluginConfig,
@@ -449,11 +450,24 @@ class WindowTransform(Transform[WindowConfig]):
 
         rows = to_polars(empty_batch(schema)).select(self._fields())
         rows = rows.with_columns(pl.lit(0, pl.Int64).alias(_WS))
+        group = rows.group_by([*self.config.key_by, _WS])
+        for name, agg in self.config.aggregations.items():
+            if types[name] is None:  # Polars' type, if Polars takes the field
+                try:
+                    group.agg(agg.expr(name, None))
+                except pl.exceptions.PolarsError as exc:
+                    raise ConfigError(
+                        f"aggregation {name!r}: {agg.fn} does not apply to field "
+                        f"{agg.field!r} of type {schema.field(agg.field).type} "
+                        f"({str(exc).splitlines()[0]}); aggregate another field, "
+                        "or convert this one with a cast step first",
+                        where=f"aggregations.{name}.field",
+                    ) from exc
         exprs = [
             agg.expr(name, types[name])
             for name, agg in self.config.aggregations.items()
         ]
-        results = to_batch(rows.group_by([*self.config.key_by, _WS]).agg(exprs))
+        results = to_batch(group.agg(exprs))
         return {
             name: dtype if dtype is not None else results.schema.field(name).type
             for name, dtype in types.items()
