@@ -463,3 +463,26 @@ def test_missing_input_with_schema_warns(
 
     assert summary.output("out").num_rows == 0
     assert f"no input files match path {path!r}" in caplog.text
+
+
+def test_misspelt_input_hint_and_unread_steps() -> None:
+    p = Pipeline("typos")
+    rows = p.source("rows", "memory", records=[{"a": 1}])
+    p.transform("delays", "filter", ["delay"], condition="a > 0")
+    p.transform("big", "filter", [rows], condition="a > 0")
+    p.destination("out", "memory", ["bigg", "delays"])
+
+    with pytest.raises(PipelineValidationError) as raised:
+        p.build()
+
+    found = {".".join(map(str, i.path)): i for i in raised.value.issues}
+    own = found["transformations.delays.inputs.0"]
+    assert own.hint == "steps that can be read: rows, big"  # not itself
+    meant = found["destinations.out.inputs.0"]
+    assert meant.hint == "did you mean 'big'? steps that can be read: rows, delays, big"
+    # `big` is what `bigg` meant, so it is not reported as read by no step.
+    assert "transformations.big" not in found
+    assert sorted(found) == [
+        "destinations.out.inputs.0",
+        "transformations.delays.inputs.0",
+    ]

@@ -475,14 +475,17 @@ def _check_graph(
             path: Path_ = (section, step_id, "inputs", index)
             target = steps.get(ref.step)
             if target is None:
-                close = difflib.get_close_matches(ref.step, readable, n=1)
+                others = [s for s in readable if s != step_id]
+                close = difflib.get_close_matches(ref.step, others, n=1)
                 guess = f"did you mean {close[0]!r}? " if close else ""
+                # The step meant is read, once the name is corrected.
+                read.update(InputRef(name) for name in close)
                 issues.append(
                     ValidationIssue(
                         path,
                         "input names no step",
                         value=str(ref),
-                        hint=f"{guess}steps that can be read: {', '.join(readable)}",
+                        hint=f"{guess}steps that can be read: {', '.join(others)}",
                     )
                 )
             elif target[0] == "destinations":
