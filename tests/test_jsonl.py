@@ -851,17 +851,23 @@ def test_integers_beyond_int64_rejected(
     ]
 
 
-def test_integers_beyond_int64_inferred_as_float(
+def test_integers_beyond_int64_inferred_as_text(
     tmp_path: Path, context: RecordingContext
 ) -> None:
     path = tmp_path / "big.jsonl"
-    path.write_bytes(b'{"id": 1}\n{"id": -9223372036854775809}\n{"id": 3}\n')
+    path.write_bytes(
+        b'{"id": 1, "x": 1}\n{"id": -9223372036854775809, "x": 18446744073709551617}\n'
+        b'{"id": 3, "x": 2.5}\n'
+    )
     source = make_source(context, path)
 
     table, _ = read_all(source)
 
-    assert source.schema() == pa.schema([pa.field("id", pa.float64())])
-    assert table.column("id").to_pylist() == [1.0, float(-(2**63) - 1), 3.0]
+    assert source.schema() == pa.schema(
+        [pa.field("id", pa.string()), pa.field("x", pa.float64())]
+    )
+    assert table.column("id").to_pylist() == ["1", "-9223372036854775809", "3"]
+    assert table.column("x").to_pylist() == [1.0, float(2**64 + 1), 2.5]
     assert context.rejected == []
 
 

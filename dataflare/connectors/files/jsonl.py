@@ -852,8 +852,9 @@ def _arrow_converter(dtype: pa.DataType) -> Converter:
 def infer_schema(objects: Iterable[dict[str, Any]]) -> pa.Schema:
     """Infer field types from parsed JSON objects, fields in order of appearance.
 
-    Integers become int64, other numbers float64 (integers beyond int64
-    too), ISO 8601 strings with a time timestamp[us, UTC], `YYYY-MM-DD`
+    Integers become int64, or string when one is beyond int64 (so their
+    digits are kept exactly), other numbers float64, ISO 8601 strings with
+    a time timestamp[us, UTC], `YYYY-MM-DD`
     strings date32, and fields with mixed or only null values string. Nested
     values keep the type Arrow infers for them.
     """
@@ -872,8 +873,10 @@ def _infer_type(values: list[Any]) -> pa.DataType:
         return pa.bool_()
     if any(isinstance(v, bool) for v in present):
         return pa.string()
-    if all(isinstance(v, int) and _INT64_MIN <= v <= _INT64_MAX for v in present):
-        return pa.int64()
+    if all(isinstance(v, int) for v in present):
+        if all(_INT64_MIN <= v <= _INT64_MAX for v in present):
+            return pa.int64()
+        return pa.string()  # a float64 would change digits beyond 2**53
     if all(isinstance(v, int | float) for v in present):
         return pa.float64()
     if all(isinstance(v, str) for v in present):
