@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pytest
 from conftest import RecordingContext
 
-from dataflare import api
+from dataflare import Pipeline, PipelineValidationError, api
 from dataflare.connectors.files.base import (
     convert_text,
     first_record_end,
@@ -845,3 +845,18 @@ def test_convert_text_date_only_timestamp_with_zone() -> None:
     )
     assert bad.tolist() == []
     assert converted.to_pylist() == [t.to_pydatetime() for t in expected]
+
+
+def test_header_not_utf8_names_file_and_fix(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("id,caf\u00e9\n1,2\n".encode("latin-1"))
+    p = Pipeline("latin1")
+    rows = p.source("rows", "csv", path=str(path))
+    p.destination("out", "memory", [rows])
+
+    with pytest.raises(PipelineValidationError) as raised:
+        p.build()
+
+    [issue] = raised.value.issues
+    assert f"{path}: the first line is not UTF-8 text" in issue.message
+    assert "save the file as UTF-8" in issue.message

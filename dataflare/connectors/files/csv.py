@@ -684,7 +684,8 @@ class CsvSource(Source[CsvSourceConfig]):
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ValueError(
-                f"{path}: the first line is not UTF-8 text: {exc}"
+                f"{path}: the first line is not UTF-8 text: {exc}; save the "
+                "file as UTF-8, for example with `iconv -f latin1 -t utf-8`"
             ) from exc
         rows = list(
             csv.reader(
