@@ -451,27 +451,42 @@ class WindowTransform(Transform[WindowConfig]):
         rows = to_polars(empty_batch(schema)).select(self._fields())
         rows = rows.with_columns(pl.lit(0, pl.Int64).alias(_WS))
         group = rows.group_by([*self.config.key_by, _WS])
-        for name, agg in self.config.aggregations.items():
-            if types[name] is None:  # Polars' type, if Polars takes the field
-                try:
-                    group.agg(agg.expr(name, None))
-                except pl.exceptions.PolarsError as exc:
-                    raise ConfigError(
-                        f"aggregation {name!r}: {agg.fn} does not apply to field "
-                        f"{agg.field!r} of type {schema.field(agg.field).type} "
-                        f"({str(exc).splitlines()[0]}); aggregate another field, "
-                        "or convert this one with a cast step first",
-                        where=f"aggregations.{name}.field",
-                    ) from exc
         exprs = [
             agg.expr(name, types[name])
             for name, agg in self.config.aggregations.items()
         ]
-        results = to_batch(group.agg(exprs))
+        try:
+            results = to_batch(group.agg(exprs))
+        except pl.exceptions.PolarsError as exc:
+            unfit = self._unfit_aggregation(group, schema, types)
+            if unfit is None:
+                raise
+            raise unfit from exc
         return {
             name: dtype if dtype is not None else results.schema.field(name).type
             for name, dtype in types.items()
         }
+
+    def _unfit_aggregation(
+        self, group: Any, schema: pa.Schema, types: dict[str, pa.DataType | None]
+    ) -> ConfigError | None:
+        """Return the error naming the aggregation Polars rejects, if one alone is."""
+        import polars as pl
+
+        for name, agg in self.config.aggregations.items():
+            if types[name] is not None or agg.field is None:
+                continue
+            try:
+                group.agg(agg.expr(name, None))
+            except pl.exceptions.PolarsError as exc:
+                return ConfigError(
+                    f"aggregation {name!r}: {agg.fn} does not apply to field "
+                    f"{agg.field!r} of type {schema.field(agg.field).type} "
+                    f"({str(exc).splitlines()[0]}); aggregate another field, "
+                    "or convert this one with a cast step first",
+                    where=f"aggregations.{name}.field",
+                )
+        return None
 
     def side_outputs(self, inputs: Sequence[pa.Schema]) -> dict[str, pa.Schema]:
         return {"late": inputs[0]}
