@@ -215,8 +215,8 @@ class EventTimeExtractor:
 
 
 LOCAL_TIME_RULES: dict[str, Any] = {"ambiguous": "earliest", "non_existent": "null"}
-"""How local times without an offset become UTC where the time zone's clocks
-change. A time that occurs twice (clocks set back) is the earlier of the
+"""Polars' rules for local times without an offset where the time zone's
+clocks change. A time that occurs twice (clocks set back) is the earlier of the
 two, as `java.time.ZonedDateTime` takes it. A time that never occurs (clocks
 set forward) gives no event time, so its record is rejected."""
 
@@ -224,8 +224,8 @@ set forward) gives no event time, so its record is rejected."""
 def _is_local_time(value: object, fmt: str | None) -> bool:
     """Tell whether `value` reads as a local time without an offset.
 
-    `_reason` asks only about values that gave no event time, and a local
-    time gives none only when its time zone's clocks skip it.
+    `_reason` calls this only for values that gave no event time, and a
+    local time gives none only when its time zone's clocks skip it.
     """
     import polars as pl
 

@@ -378,7 +378,7 @@ class _ArrowQuery:
 
 @dataclass(frozen=True)
 class _Layout:
-    """Builds a query's output from the input batch's own columns.
+    """The plan of a query's output built from the input batch's own columns.
 
     Items that only name an input column are taken with one `select`, and
     only the other items are evaluated and added. Each column taken from a
