@@ -16,6 +16,7 @@ import pyarrow as pa
 import pytest
 from conftest import RecordingContext
 
+from dataflare import cache
 from dataflare.transforms import plan_cache
 from dataflare.transforms.filter import FilterTransform
 from dataflare.transforms.sql import SqlTransform
@@ -102,7 +103,7 @@ def test_second_run_loads_no_polars(
     second_loaded, second = run(tmp_path, cache, "second")
 
     assert first_loaded
-    assert entries == ["filter", "sql"]
+    assert entries == ["filter", "headstart", "sql"]  # the command's head start
     assert not second_loaded
     assert first == expected_rows(data)
     assert second == first
@@ -139,7 +140,7 @@ def test_default_directory_is_the_user_cache(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("DATAFLARE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
 
-    assert plan_cache.cache_dir() == Path("/somewhere/dataflare/plans")
+    assert cache.cache_dir() == Path("/somewhere/dataflare/plans")
 
 
 def test_entries_depend_on_text_and_schema(

@@ -19,11 +19,7 @@ cannot be read or written is ignored: the step then asks Polars again.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import logging
-import os
-import tempfile
 from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
@@ -32,19 +28,10 @@ from typing import Any
 import pyarrow as pa
 
 import dataflare
+from dataflare.cache import entry_path, write_entry
 
-_LOG = logging.getLogger(__name__)
 _FORMAT = 1
 """Version of the entry layout, part of every key."""
-
-
-def cache_dir() -> Path | None:
-    """Return the directory of the entries, or None if the cache is off."""
-    configured = os.environ.get("DATAFLARE_CACHE_DIR")
-    if configured is not None:
-        return Path(configured) if configured else None
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dataflare" / "plans"
 
 
 @cache
@@ -63,15 +50,9 @@ def _versions() -> list[str]:
 
 
 def _path(kind: str, text: str, schema: pa.Schema) -> Path | None:
-    directory = cache_dir()
-    if directory is None:
-        return None
-    digest = hashlib.sha256()
-    for part in (str(_FORMAT), kind, text, *_versions()):
-        digest.update(part.encode())
-        digest.update(b"\0")
-    digest.update(schema.serialize().to_pybytes())
-    return directory / f"{kind}-{digest.hexdigest()[:40]}.json"
+    return entry_path(
+        kind, str(_FORMAT), text, *_versions(), schema.serialize().to_pybytes()
+    )
 
 
 def load(kind: str, text: str, schema: pa.Schema) -> dict[str, Any] | None:
@@ -93,17 +74,7 @@ def store(kind: str, text: str, schema: pa.Schema, entry: dict[str, Any]) -> Non
     path = _path(kind, text, schema)
     if path is None:
         return
-    data = json.dumps({**entry, "text": text}).encode()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written whole, then renamed: readers never see half an entry.
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=".", suffix=".tmp", delete=False
-        ) as file:
-            file.write(data)
-        os.replace(file.name, path)
-    except OSError as exc:
-        _LOG.debug("could not save the plan cache entry %s: %s", path, exc)
+    write_entry(path, json.dumps({**entry, "text": text}).encode())
 
 
 def schema_text(schema: pa.Schema) -> str:

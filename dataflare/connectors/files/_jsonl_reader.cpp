@@ -16,11 +16,19 @@
 
 #include <simdjson.h>
 
+#include <fcntl.h>
+#include <malloc.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -231,11 +239,9 @@ PyObject* column_tuple(const Column& c, int64_t rows) {
   return Py_BuildValue("(LNNN)", static_cast<long long>(c.nulls), valid, values, offsets);
 }
 
-PyObject* read_block(PyObject*, PyObject* args) {
-  Py_buffer block;
-  PyObject* fields;
-  if (!PyArg_ParseTuple(args, "y*O!", &block, &PyTuple_Type, &fields)) return nullptr;
-  std::vector<Column> columns;
+// Columns for the (name, kind) pairs of `fields`; false with a Python
+// error set if a pair is not one.
+bool make_columns(PyObject* fields, std::vector<Column>& columns) {
   Py_ssize_t count = PyTuple_GET_SIZE(fields);
   for (Py_ssize_t i = 0; i < count; i++) {
     const char* name;
@@ -244,9 +250,8 @@ PyObject* read_block(PyObject*, PyObject* args) {
     PyObject* field = PyTuple_GET_ITEM(fields, i);
     if (!PyArg_ParseTuple(field, "s#i", &name, &name_size, &kind) || kind < INT64 ||
         kind > STRING) {
-      PyBuffer_Release(&block);
       if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "unknown field kind");
-      return nullptr;
+      return false;
     }
     Column column;
     column.kind = static_cast<Kind>(kind);
@@ -254,13 +259,15 @@ PyObject* read_block(PyObject*, PyObject* args) {
     if (column.kind == STRING) column.offsets.push_back(0);
     columns.push_back(std::move(column));
   }
+  return true;
+}
 
+// Parse a block into `columns` (empty ones on entry); return the row
+// count, or -1 where Arrow must parse the block. Runs without the GIL.
+int64_t parse_block(const char* data, size_t size, std::vector<Column>& columns) {
   int64_t rows = -1;
-  const char* data = static_cast<const char*>(block.buf);
-  size_t size = static_cast<size_t>(block.len);
   bool has_float = false;
   for (const Column& c : columns) has_float |= c.kind == FLOAT64;
-  Py_BEGIN_ALLOW_THREADS
   try {
     if (!(has_float && has_negative_zero(data, size))) {
       std::vector<Column> empty = columns;
@@ -276,21 +283,313 @@ PyObject* read_block(PyObject*, PyObject* args) {
     rows = -1;
   }
   if (parser.capacity() > kKeptCapacity) parser = simdjson::dom::parser{};
-  Py_END_ALLOW_THREADS
-  PyBuffer_Release(&block);
-  if (rows < 0) Py_RETURN_NONE;
-  PyObject* result = PyList_New(count);
+  return rows;
+}
+
+// (rows, [column tuples]) of parsed columns.
+PyObject* columns_result(const std::vector<Column>& columns, int64_t rows) {
+  PyObject* result = PyList_New(static_cast<Py_ssize_t>(columns.size()));
   if (result == nullptr) return nullptr;
-  for (Py_ssize_t i = 0; i < count; i++) {
-    PyObject* column = column_tuple(columns[static_cast<size_t>(i)], rows);
+  for (size_t i = 0; i < columns.size(); i++) {
+    PyObject* column = column_tuple(columns[i], rows);
     if (column == nullptr) {
       Py_DECREF(result);
       return nullptr;
     }
-    PyList_SET_ITEM(result, i, column);
+    PyList_SET_ITEM(result, static_cast<Py_ssize_t>(i), column);
   }
   return Py_BuildValue("(LN)", static_cast<long long>(rows), result);
 }
+
+PyObject* read_block(PyObject*, PyObject* args) {
+  Py_buffer block;
+  PyObject* fields;
+  if (!PyArg_ParseTuple(args, "y*O!", &block, &PyTuple_Type, &fields)) return nullptr;
+  std::vector<Column> columns;
+  if (!make_columns(fields, columns)) {
+    PyBuffer_Release(&block);
+    return nullptr;
+  }
+  int64_t rows;
+  Py_BEGIN_ALLOW_THREADS
+  rows = parse_block(static_cast<const char*>(block.buf), static_cast<size_t>(block.len),
+                     columns);
+  Py_END_ALLOW_THREADS
+  PyBuffer_Release(&block);
+  if (rows < 0) Py_RETURN_NONE;
+  return columns_result(columns, rows);
+}
+
+// --- Head start: read and parse the start of a file on a thread of its
+// own, without the GIL, while the interpreter goes on loading modules.
+
+// One block read by a head start: parsed columns, or its text when the
+// block is left to the caller (rows < 0).
+struct Piece {
+  size_t size = 0;
+  int64_t rows = -1;
+  std::vector<Column> columns;
+  std::string text;
+};
+
+size_t kept_bytes(const std::vector<Column>& columns) {
+  size_t total = 0;
+  for (const Column& c : columns) {
+    total += c.valid.size() + c.ints.size() * sizeof(int64_t) +
+             c.floats.size() * sizeof(double) + c.bits.size() +
+             c.offsets.size() * sizeof(int32_t) + c.text.size();
+  }
+  return total;
+}
+
+struct HeadStartState {
+  std::string path;
+  std::vector<Column> columns;  // empty columns of the fields
+  size_t block_size = 0;
+  size_t limit = 0;
+  std::atomic<bool> stop{false};
+  // Written by the thread only; read after it was joined.
+  std::vector<Piece> pieces;
+  size_t taken = 0;  // pieces handed to Python by take()
+  size_t kept = 0;
+  size_t skipped = 0;  // a byte order mark
+  int error = 0;
+  bool opened = false;
+  unsigned long long device = 0, inode = 0;
+  long long mtime_ns = 0;
+
+  void run() {
+    int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      error = errno;
+      return;
+    }
+    struct stat status;
+    if (fstat(fd, &status) == 0) {
+      opened = true;
+      device = static_cast<unsigned long long>(status.st_dev);
+      inode = static_cast<unsigned long long>(status.st_ino);
+      mtime_ns = static_cast<long long>(status.st_mtim.tv_sec) * 1000000000LL +
+                 status.st_mtim.tv_nsec;
+    }
+    try {
+      read_all(fd);
+    } catch (...) {  // out of memory: the caller reads the file itself
+      error = ENOMEM;
+    }
+    close(fd);
+    parser = simdjson::dom::parser{};
+  }
+
+  // Fill `buffer` from `at`; return the bytes read, or -1 on an error.
+  ssize_t fill(int fd, char* buffer, size_t size) {
+    size_t done = 0;
+    while (done < size) {
+      ssize_t got = read(fd, buffer + done, size - done);
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0) {
+        error = errno;
+        return -1;
+      }
+      if (got == 0) break;
+      done += static_cast<size_t>(got);
+    }
+    return static_cast<ssize_t>(done);
+  }
+
+  void read_all(int fd) {
+    char mark[3];
+    ssize_t got = fill(fd, mark, sizeof mark);
+    if (got < 0) return;
+    if (got == 3 && std::memcmp(mark, "\xEF\xBB\xBF", 3) == 0) {
+      skipped = 3;
+    } else if (lseek(fd, 0, SEEK_SET) != 0) {
+      error = errno;
+      return;
+    }
+    std::string tail;
+    while (!stop.load(std::memory_order_relaxed) && kept < limit) {
+      std::string text = std::move(tail);
+      size_t held = text.size();
+      text.resize(held + block_size);
+      got = fill(fd, &text[held], block_size);
+      if (got < 0) return;
+      text.resize(held + static_cast<size_t>(got));
+      if (got == 0) {
+        if (!text.empty()) add(std::move(text));  // a last line with no newline
+        return;
+      }
+      size_t end = text.rfind('\n');
+      if (end == std::string::npos) {
+        tail = std::move(text);  // one line longer than the block size
+        continue;
+      }
+      tail.assign(text, end + 1, std::string::npos);
+      text.resize(end + 1);
+      add(std::move(text));
+    }
+  }
+
+  void add(std::string text) {
+    Piece piece;
+    piece.size = text.size();
+    piece.columns = columns;
+    piece.rows = parse_block(text.data(), text.size(), piece.columns);
+    if (piece.rows < 0) {
+      piece.columns.clear();
+      piece.text = std::move(text);
+      kept += piece.text.size();
+    } else {
+      kept += kept_bytes(piece.columns);
+    }
+    pieces.push_back(std::move(piece));
+  }
+};
+
+struct HeadStartObject {
+  PyObject_HEAD
+  HeadStartState* state;
+  std::thread* thread;
+};
+
+void head_start_join(HeadStartObject* self, bool stop = true) {
+  if (self->thread == nullptr) return;
+  if (stop) self->state->stop.store(true);
+  std::thread* thread = self->thread;
+  Py_BEGIN_ALLOW_THREADS
+  thread->join();
+  Py_END_ALLOW_THREADS
+  delete thread;
+  self->thread = nullptr;
+}
+
+int head_start_init(PyObject* object, PyObject* args, PyObject* kwargs) {
+  auto* self = reinterpret_cast<HeadStartObject*>(object);
+  static const char* names[] = {"path", "fields", "block_size", "limit", nullptr};
+  const char* path;
+  PyObject* fields;
+  Py_ssize_t block_size;
+  Py_ssize_t limit;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sO!nn", const_cast<char**>(names),
+                                   &path, &PyTuple_Type, &fields, &block_size, &limit)) {
+    return -1;
+  }
+  if (self->state != nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "a head start runs only once");
+    return -1;
+  }
+  if (block_size <= 0 || limit < 0) {
+    PyErr_SetString(PyExc_ValueError, "block_size must be positive, limit not negative");
+    return -1;
+  }
+  auto* state = new HeadStartState();
+  if (!make_columns(fields, state->columns)) {
+    delete state;
+    return -1;
+  }
+  state->path = path;
+  state->block_size = static_cast<size_t>(block_size);
+  state->limit = static_cast<size_t>(limit);
+  self->state = state;
+  try {
+    self->thread = new std::thread([state] { state->run(); });
+  } catch (...) {
+    self->thread = nullptr;
+    state->error = EAGAIN;
+  }
+  return 0;
+}
+
+void head_start_dealloc(PyObject* object) {
+  auto* self = reinterpret_cast<HeadStartObject*>(object);
+  head_start_join(self);
+  delete self->state;
+  Py_TYPE(object)->tp_free(object);
+}
+
+HeadStartState* started(PyObject* object) {
+  auto* self = reinterpret_cast<HeadStartObject*>(object);
+  if (self->state == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "the head start was not started");
+  }
+  return self->state;
+}
+
+PyObject* head_start_finish(PyObject* object, PyObject* args, PyObject* kwargs) {
+  static const char* names[] = {"wait", nullptr};
+  int wait = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$p", const_cast<char**>(names), &wait)) {
+    return nullptr;
+  }
+  HeadStartState* state = started(object);
+  if (state == nullptr) return nullptr;
+  head_start_join(reinterpret_cast<HeadStartObject*>(object), !wait);
+  PyObject* sizes = PyList_New(static_cast<Py_ssize_t>(state->pieces.size()));
+  if (sizes == nullptr) return nullptr;
+  for (size_t i = 0; i < state->pieces.size(); i++) {
+    PyObject* size = PyLong_FromSize_t(state->pieces[i].size);
+    if (size == nullptr) {
+      Py_DECREF(sizes);
+      return nullptr;
+    }
+    PyList_SET_ITEM(sizes, static_cast<Py_ssize_t>(i), size);
+  }
+  PyObject* identity = Py_None;
+  Py_INCREF(Py_None);
+  if (state->opened) {
+    Py_DECREF(Py_None);
+    identity = Py_BuildValue("(KKL)", state->device, state->inode, state->mtime_ns);
+    if (identity == nullptr) {
+      Py_DECREF(sizes);
+      return nullptr;
+    }
+  }
+  return Py_BuildValue("{sNsnsisN}", "sizes", sizes, "skipped",
+                       static_cast<Py_ssize_t>(state->skipped), "error", state->error,
+                       "identity", identity);
+}
+
+PyObject* head_start_take(PyObject* object, PyObject*) {
+  HeadStartState* state = started(object);
+  if (state == nullptr) return nullptr;
+  auto* self = reinterpret_cast<HeadStartObject*>(object);
+  if (self->thread != nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "call finish() before take()");
+    return nullptr;
+  }
+  if (state->taken == state->pieces.size()) Py_RETURN_NONE;
+  Piece piece = std::move(state->pieces[state->taken++]);
+#ifdef __GLIBC__
+  // The blocks taken before were copied into Python objects on this thread
+  // and are freed by now. glibc keeps freed memory in its arenas; give it
+  // back, or it would add to the memory of the rest of the run.
+  if (state->taken == state->pieces.size()) malloc_trim(0);
+#endif
+  if (piece.rows < 0) {
+    return Py_BuildValue("(Oy#)", Py_None, piece.text.data(),
+                         static_cast<Py_ssize_t>(piece.text.size()));
+  }
+  PyObject* parsed = columns_result(piece.columns, piece.rows);
+  return parsed == nullptr ? nullptr : Py_BuildValue("(NO)", parsed, Py_None);
+}
+
+PyMethodDef head_start_methods[] = {
+    {"finish", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(head_start_finish)),
+     METH_VARARGS | METH_KEYWORDS,
+     "finish(*, wait=False) -> dict\n\n"
+     "Stop reading after the block being parsed (with wait, once the limit\n"
+     "or the end of the file is reached), and say what was read:\n"
+     "sizes, the bytes of input of each block; skipped, the bytes of a byte\n"
+     "order mark before them; error, an errno or 0; identity, (device,\n"
+     "inode, modification time in ns) of the file read, or None."},
+    {"take", head_start_take, METH_NOARGS,
+     "take() -> ((rows, columns) or None, text or None) or None\n\n"
+     "After finish(): the next block, as read_block parsed it, or its text\n"
+     "where read_block would return None; None after the last block. Each\n"
+     "block's memory goes when it is taken."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyTypeObject HeadStartType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
 PyMethodDef methods[] = {
     {"read_block", read_block, METH_VARARGS,
@@ -304,4 +603,27 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jsonl_reader",
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__jsonl_reader(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__jsonl_reader(void) {
+  HeadStartType.tp_name = "dataflare.connectors.files._jsonl_reader.HeadStart";
+  HeadStartType.tp_basicsize = sizeof(HeadStartObject);
+  HeadStartType.tp_flags = Py_TPFLAGS_DEFAULT;
+  HeadStartType.tp_doc =
+      "HeadStart(path, fields, block_size, limit)\n\n"
+      "Read `path` from its start in blocks of `block_size` bytes that end on\n"
+      "a newline, and parse each as read_block does, on a thread without the\n"
+      "GIL, until about `limit` bytes of columns are kept or finish() is called.";
+  HeadStartType.tp_new = PyType_GenericNew;
+  HeadStartType.tp_init = head_start_init;
+  HeadStartType.tp_dealloc = head_start_dealloc;
+  HeadStartType.tp_methods = head_start_methods;
+  if (PyType_Ready(&HeadStartType) < 0) return nullptr;
+  PyObject* created = PyModule_Create(&module);
+  if (created == nullptr) return nullptr;
+  Py_INCREF(&HeadStartType);
+  if (PyModule_AddObject(created, "HeadStart", reinterpret_cast<PyObject*>(&HeadStartType)) < 0) {
+    Py_DECREF(&HeadStartType);
+    Py_DECREF(created);
+    return nullptr;
+  }
+  return created;
+}

@@ -69,6 +69,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 from pydantic import Field
 
+from dataflare.connectors.files import head_start
 from dataflare.connectors.files.base import (
     ByteProgress,
     FileSourceConfig,
@@ -220,14 +221,19 @@ class JsonLinesParser:
         """
         return self.parse_block(block).at(self.name, first_line)
 
+    @property
+    def native(self) -> head_start.Fields | None:
+        """Fields for the native reader, or None where it does not parse blocks."""
+        return self._native_fields
+
     def parse_block(self, block: Block) -> BlockResult:
         """Parse `block`, numbering its lines from 1."""
         if self._native_fields is not None:
             result = _jsonl_reader.read_block(block, self._native_fields)
             if result is not None:
-                batch = self._native_batch(*result)
-                if batch is not None:
-                    return BlockResult(batch, None, result[0])
+                done = self.from_native(result)
+                if done is not None:
+                    return done
         data = np.frombuffer(block, dtype=np.uint8)
         newlines = np.flatnonzero(data == _NEWLINE)
         ends_open = bool(len(data)) and data[-1] != _NEWLINE
@@ -240,6 +246,16 @@ class JsonLinesParser:
             if batch is not None and batch.num_rows == line_count:
                 return BlockResult(batch, None, line_count)
         return self._parse_checked(block, newlines, line_count)
+
+    def from_native(
+        self, result: tuple[int, list[_jsonl_reader.Column]]
+    ) -> BlockResult | None:
+        """Return the block that the native reader parsed into `result`.
+
+        None if Arrow must parse the block (a timestamp it casts differently).
+        """
+        batch = self._native_batch(*result)
+        return None if batch is None else BlockResult(batch, None, result[0])
 
     def _parse_checked(
         self, block: Block, newlines: np.ndarray, line_count: int
@@ -981,7 +997,7 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
             self.context.logger, self.config.path, self._files, self.config.follow
         )
         self._progress = ByteProgress(self._files)
-        self._threads = self.config.parse_threads or _usable_cores()
+        self._threads = self.config.parse_threads or head_start.usable_cores()
         if self._threads > 1:
             self._pool = ThreadPoolExecutor(
                 self._threads, thread_name_prefix=f"{self.context.step}-parse"
@@ -1120,17 +1136,22 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
         with file:
             cursor.unterminated = 0  # known again once the end is reached
             self._check_replaced(cursor, file)
-            file.seek(cursor.offset)
-            if cursor.offset == 0 and file.read(len(BOM)) == BOM:
-                self._advance(cursor, len(BOM), 0)
-            file.seek(cursor.offset)
+            taken = self._head_start(cursor, parser, file) if final else None
+            if taken is not None:
+                self._advance(cursor, taken.skipped, 0)
+            else:
+                file.seek(cursor.offset)
+                if cursor.offset == 0 and file.read(len(BOM)) == BOM:
+                    self._advance(cursor, len(BOM), 0)
+            file.seek(cursor.offset if taken is None else taken.end)
             reader = _BlockReader(file, self.config.block_size)
             blocks = reader.blocks(final)
             if self._pool is not None and final:
                 # Reading moves off this thread, which also runs the steps
                 # chained after the source.
                 blocks = _read_ahead(blocks, self._threads)
-            for size, result in self._parse_in_order(parser, blocks):
+            ready = () if taken is None else _taken_results(taken, parser, file)
+            for size, result in self._parse_in_order(parser, blocks, ready):
                 parsed = result.at(parser.name, cursor.lines + 1)
                 self._advance(cursor, size, result.lines)
                 if parsed.rejects.records:
@@ -1144,29 +1165,62 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
                     return
             cursor.unterminated = len(reader.tail)
 
+    def _head_start(
+        self, cursor: _Cursor, parser: JsonLinesParser, file: IO[bytes]
+    ) -> head_start.Taken | None:
+        """Take the blocks a head start parsed of this file, if any.
+
+        Only a file read from its start with the native reader can have one
+        (see `head_start`).
+        """
+        fields = parser.native
+        if cursor.offset or cursor.lines or fields is None:
+            return None
+        hint = head_start.note(cursor.path, fields, self.config.block_size)
+        return head_start.claim(hint, os.fstat(file.fileno()))
+
     def _parse_in_order(
-        self, parser: JsonLinesParser, blocks: Iterator[bytearray]
+        self,
+        parser: JsonLinesParser,
+        blocks: Iterator[bytearray],
+        ready: Iterable[tuple[int, BlockResult]] = (),
     ) -> Iterator[tuple[int, BlockResult]]:
         """Parse `blocks` on the thread pool; yield sizes and results in order.
 
         Up to two blocks per thread are read ahead, so the threads stay busy
         while the source thread hands on a result. Only blocks whose result
         was yielded count in the cursor, so checkpoints never skip lines.
+
+        `ready` holds results of the blocks before `blocks`, parsed already.
+        They go first, one for each block handed to the pool while it has
+        room, so that the threads parse what follows meanwhile.
         """
         pool = self._pool
         if pool is None:
+            yield from ready
             for block in blocks:
                 yield len(block), parser.parse_block(block)
             return
+        first: Iterator[tuple[int, BlockResult]] | None = iter(ready)
+        window = 2 * self._threads
         pending: collections.deque[tuple[int, Future[BlockResult]]] = (
             collections.deque()
         )
         try:
             for block in blocks:
                 pending.append((len(block), pool.submit(parser.parse_block, block)))
-                if len(pending) >= 2 * self._threads:
+                if first is not None:
+                    item = next(first, None) if len(pending) < window else None
+                    if item is not None:
+                        yield item
+                        continue
+                    yield from first
+                    first = None
+                while len(pending) >= window:
                     size, future = pending.popleft()
                     yield size, future.result()
+            if first is not None:
+                yield from first
             while pending:
                 size, future = pending.popleft()
                 yield size, future.result()
@@ -1243,11 +1297,23 @@ def _read_ahead(blocks: Iterator[bytearray], depth: int) -> Iterator[bytearray]:
         thread.join()
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def _taken_results(
+    taken: head_start.Taken, parser: JsonLinesParser, file: IO[bytes]
+) -> Iterator[tuple[int, BlockResult]]:
+    """Yield sizes and results of the blocks a head start read, in file order.
+
+    A block the native reader left to Arrow is parsed now. So is one whose
+    columns Arrow would cast differently; it is read again from `file`.
+    """
+    offset = taken.skipped
+    for size in taken.sizes:
+        native, text = taken.reader.take()
+        result = None if native is None else parser.from_native(native)
+        if result is None:
+            block = text if text is not None else os.pread(file.fileno(), size, offset)
+            result = parser.parse_block(block)
+        offset += size
+        yield size, result
 
 
 def _file_size(path: Path) -> int:

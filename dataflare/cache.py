@@ -1,0 +1,56 @@
+"""The cache directory of DataFlare: plan entries and head-start hints.
+
+This module loads nothing but the standard library, so that the command
+can look up an entry before Arrow and pydantic load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+_LOG = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path | None:
+    """Return the directory of the entries, or None if the cache is off.
+
+    `$DATAFLARE_CACHE_DIR` if set (empty turns the cache off), else
+    `$XDG_CACHE_HOME/dataflare/plans`, else `~/.cache/dataflare/plans`.
+    """
+    configured = os.environ.get("DATAFLARE_CACHE_DIR")
+    if configured is not None:
+        return Path(configured) if configured else None
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dataflare" / "plans"
+
+
+def entry_path(kind: str, *parts: bytes | str) -> Path | None:
+    """Return the file of the `kind` entry for `parts`, or None if the cache is off."""
+    directory = cache_dir()
+    if directory is None:
+        return None
+    digest = hashlib.sha256()
+    for part in (kind, *parts):
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\0")
+    return directory / f"{kind}-{digest.hexdigest()[:40]}.json"
+
+
+def write_entry(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole, then rename: readers never see half an entry.
+
+    An entry that cannot be written is skipped, with a debug log line.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            dir=path.parent, prefix=".", suffix=".tmp", delete=False
+        ) as file:
+            file.write(data)
+        os.replace(file.name, path)
+    except OSError as exc:
+        _LOG.debug("could not save the cache entry %s: %s", path, exc)
