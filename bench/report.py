@@ -1042,6 +1042,11 @@ DataFlare keeps what Polars found about each filter condition and SQL query
 in a plan cache, so a second run of a pipeline starts without loading
 Polars. The suite fills the cache with one unmeasured run of each pipeline
 before it measures anything; "plan cache off" is a first run's start-up.
+Each DataFlare command is also run once unmeasured before its measured
+runs, as an earlier run of the same job: `dataflare run` notes which files
+a run read from their start, and the next run parses their first blocks on
+another core while it loads (a head start; none on one core, nor with the
+cache off).
 """
 
 PROFILE_TEXT = """\
