@@ -90,7 +90,8 @@ def test_blocks_are_those_read_block_gives(
     assert done["error"] == 0
     assert done["skipped"] == (3 if bom else 0)
     status = path.stat()
-    assert done["identity"] == (status.st_dev, status.st_ino, status.st_mtime_ns)
+    identity = (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
+    assert done["identity"] == identity
     expected = blocks_of(path, done["skipped"])
     assert len(expected) > 5
     assert done["sizes"] == [len(b) for b in expected]
@@ -132,6 +133,26 @@ def test_missing_file_gives_its_error(tmp_path: Path) -> None:
 
     assert done["error"] == errno.ENOENT
     assert done["identity"] is None
+    assert pieces == []
+
+
+def test_only_regular_files_are_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+
+    done, pieces = run_head_start(fifo)  # must not wait for a writer
+
+    assert done["error"] == errno.EINVAL
+    assert pieces == []
+
+
+def test_stops_on_a_line_longer_than_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    write(path, [json.dumps({"id": 1, "name": "x" * 50_000, "score": 1.0})])
+
+    done, pieces = run_head_start(path, limit=BLOCK)
+
+    assert done["error"] == 0
     assert pieces == []
 
 

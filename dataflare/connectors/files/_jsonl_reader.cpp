@@ -356,22 +356,28 @@ struct HeadStartState {
   int error = 0;
   bool opened = false;
   unsigned long long device = 0, inode = 0;
-  long long mtime_ns = 0;
+  long long mtime_ns = 0, file_size = 0;
 
   void run() {
-    int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO must not wait for a writer. Only regular
+    // files are read; reading a FIFO or a device would take its data.
+    int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
       error = errno;
       return;
     }
     struct stat status;
-    if (fstat(fd, &status) == 0) {
-      opened = true;
-      device = static_cast<unsigned long long>(status.st_dev);
-      inode = static_cast<unsigned long long>(status.st_ino);
-      mtime_ns = static_cast<long long>(status.st_mtim.tv_sec) * 1000000000LL +
-                 status.st_mtim.tv_nsec;
+    if (fstat(fd, &status) != 0 || !S_ISREG(status.st_mode)) {
+      error = EINVAL;
+      close(fd);
+      return;
     }
+    opened = true;
+    device = static_cast<unsigned long long>(status.st_dev);
+    inode = static_cast<unsigned long long>(status.st_ino);
+    mtime_ns = static_cast<long long>(status.st_mtim.tv_sec) * 1000000000LL +
+               status.st_mtim.tv_nsec;
+    file_size = static_cast<long long>(status.st_size);
     try {
       read_all(fd);
     } catch (...) {  // out of memory: the caller reads the file itself
@@ -381,7 +387,8 @@ struct HeadStartState {
     parser = simdjson::dom::parser{};
   }
 
-  // Fill `buffer` from `at`; return the bytes read, or -1 on an error.
+  // Fill `buffer` with up to `size` bytes read from `fd`; return the bytes
+  // read (fewer at the end of the file), or -1 on an error.
   ssize_t fill(int fd, char* buffer, size_t size) {
     size_t done = 0;
     while (done < size) {
@@ -421,6 +428,7 @@ struct HeadStartState {
       }
       size_t end = text.rfind('\n');
       if (end == std::string::npos) {
+        if (text.size() > limit) return;  // a line too long to hold here
         tail = std::move(text);  // one line longer than the block size
         continue;
       }
@@ -538,7 +546,8 @@ PyObject* head_start_finish(PyObject* object, PyObject* args, PyObject* kwargs) 
   Py_INCREF(Py_None);
   if (state->opened) {
     Py_DECREF(Py_None);
-    identity = Py_BuildValue("(KKL)", state->device, state->inode, state->mtime_ns);
+    identity = Py_BuildValue("(KKLL)", state->device, state->inode, state->mtime_ns,
+                             state->file_size);
     if (identity == nullptr) {
       Py_DECREF(sizes);
       return nullptr;
@@ -580,8 +589,9 @@ PyMethodDef head_start_methods[] = {
      "Stop reading after the block being parsed (with wait, once the limit\n"
      "or the end of the file is reached), and say what was read:\n"
      "sizes, the bytes of input of each block; skipped, the bytes of a byte\n"
-     "order mark before them; error, an errno or 0; identity, (device,\n"
-     "inode, modification time in ns) of the file read, or None."},
+     "order mark before them; error, an errno or 0 (EINVAL: not a regular\n"
+     "file); identity, (device, inode, modification time in ns, size) of\n"
+     "the file when it was opened, or None."},
     {"take", head_start_take, METH_NOARGS,
      "take() -> ((rows, columns) or None, text or None) or None\n\n"
      "After finish(): the next block, as read_block parsed it, or its text\n"

@@ -10,8 +10,8 @@ reads and parses the file's first blocks, up to `LIMIT` bytes of parsed
 columns. The `jsonl` source takes those blocks when it opens that file from
 its start with the same fields and block size, and goes on reading after
 them; the results are the same as without a head start. The source takes
-nothing if the file is another one (device, inode or modification time
-differ) or the run resumes from a checkpoint; the command then drops the
+nothing if the file is another one or changed (device, inode, modification
+time or size differ) or the run resumes from a checkpoint; the command then drops the
 head start.
 
 Which files to start on is kept in an entry of DataFlare's cache
@@ -135,7 +135,7 @@ class _Registry:
         if reader is None:
             return None
         done = reader.finish()
-        identity = (status.st_dev, status.st_ino, status.st_mtime_ns)
+        identity = (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
         if done["error"] or done["identity"] != identity:
             _LOG.debug("head start of %s dropped: the file differs", hint.path)
             return None

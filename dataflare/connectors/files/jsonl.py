@@ -52,6 +52,7 @@ import math
 import os
 import queue
 import re
+import stat
 import sys
 import threading
 import time
@@ -1170,14 +1171,17 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
     ) -> head_start.Taken | None:
         """Take the blocks a head start parsed of this file, if any.
 
-        Only a file read from its start with the native reader can have one
-        (see `head_start`).
+        Only a regular file read from its start with the native reader can
+        have one (see `head_start`).
         """
         fields = parser.native
+        status = os.fstat(file.fileno())
         if cursor.offset or cursor.lines or fields is None:
             return None
+        if not stat.S_ISREG(status.st_mode):  # a named pipe, say
+            return None
         hint = head_start.note(cursor.path, fields, self.config.block_size)
-        return head_start.claim(hint, os.fstat(file.fileno()))
+        return head_start.claim(hint, status)
 
     def _parse_in_order(
         self,
