@@ -744,7 +744,8 @@ def _throughput_gap(
         fixed = (
             f" Of W1's {w1['wall']:.2f} s, about {start['wall']:.2f} s is the "
             "start-up that the 1,000-line run also pays (imports, validation), "
-            "mostly on one core; "
+            "on one core while a head start parses the first blocks on the "
+            "other; "
             + (
                 f"1.25 M records/s over {records:,.0f} records would need the "
                 f"rest to run at {_fmt_rate(records / budget)}."
@@ -784,8 +785,8 @@ def _one_core_gap(
         parts.append(
             f"{name} took {one['wall']:.2f} s on one core and "
             f"{two['wall']:.2f} s on two ({one['wall'] / two['wall']:.2f}×), "
-            f"where a perfect split of all but the start-up would give "
-            f"{bound:.2f}×."
+            f"where a perfect split of all but the start-up, with nothing "
+            f"done during it, would give {bound:.2f}×."
         )
         if two.get("cpu") and one.get("cpu"):
             parts.append(
@@ -795,12 +796,16 @@ def _one_core_gap(
     return (
         "**W1 and W4 on two cores against one.** The start-up (imports, "
         f"validation: {serial:.2f} s over 1,000 lines) runs on one core "
-        "however many there are, so it bounds the ratio. "
+        "however many there are, so it bounds the ratio. On two cores a "
+        "head start parses the input's first blocks meanwhile, up to 12 MiB "
+        "of columns, so part of the parse leaves the critical path. "
         + " ".join(parts)
         + " The rest of the run spreads over both cores (the parse threads "
         "and the file reader run without the GIL beside the thread that runs "
-        "the chained steps), but not perfectly. Reaching 1.6× needs both a "
-        "shorter start-up and a closer to perfect split.\n"
+        "the chained steps), but not perfectly. Reaching 1.6× needs a "
+        "shorter start-up, a longer head start (which costs memory: 24 MiB "
+        "of columns raised W2's peak by about 20 MB), or a closer to perfect "
+        "split.\n"
     )
 
 
@@ -1043,8 +1048,8 @@ in a plan cache, so a second run of a pipeline starts without loading
 Polars. The suite fills the cache with one unmeasured run of each pipeline
 before it measures anything; "plan cache off" is a first run's start-up.
 Each DataFlare command is also run once unmeasured before its measured
-runs, as an earlier run of the same job: `dataflare run` notes which files
-a run read from their start, and the next run parses their first blocks on
+runs, as an earlier run of the same job. `dataflare run` notes which files
+a run read from their start. The next run parses their first blocks on
 another core while it loads (a head start; none on one core, nor with the
 cache off).
 """
