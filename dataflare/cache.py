@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,30 @@ def entry_path(kind: str, *parts: bytes | str) -> Path | None:
         digest.update(part.encode() if isinstance(part, str) else part)
         digest.update(b"\0")
     return directory / f"{kind}-{digest.hexdigest()[:40]}.json"
+
+
+MAX_ENTRY_BYTES = 1 << 20
+"""Entries are a few kB; a larger file is not read."""
+
+
+def read_entry(path: Path) -> bytes | None:
+    """Return the bytes of the entry at `path`, or None if there is none.
+
+    Only a regular file of at most `MAX_ENTRY_BYTES` is read: a named pipe
+    put there must not block the command.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as file:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode) or status.st_size > MAX_ENTRY_BYTES:
+            return None
+        try:
+            return file.read(MAX_ENTRY_BYTES + 1)
+        except OSError:
+            return None
 
 
 def write_entry(path: Path, data: bytes) -> None:

@@ -1,9 +1,9 @@
 """Head starts: the start of a JSON lines file parsed while the command loads.
 
-A source that takes a head start must give the same records, rejects and
-line numbers as one that reads the file itself; these tests compare the two,
-and pandas, over files with bad lines, byte order marks and an unterminated
-last line.
+A source that takes a head start must give the same records, rejects, line
+numbers and blocks as one that reads the file itself. These tests compare
+the two, and pandas, over files with bad lines, byte order marks and an
+unterminated last line.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from click.testing import CliRunner
 from conftest import RecordingContext
 
 import dataflare.connectors.files.jsonl as jsonl_module
+from dataflare import cache
 from dataflare.cli import main as cli_main
 from dataflare.connectors.files import head_start
 from dataflare.connectors.files.jsonl import (
@@ -102,7 +104,7 @@ def test_blocks_are_those_read_block_gives(
     assert done["skipped"] + sum(done["sizes"]) == status.st_size
 
 
-def test_a_block_the_native_reader_leaves_comes_back_as_text(tmp_path: Path) -> None:
+def test_block_the_native_reader_leaves_comes_back_as_text(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     lines = good_lines(400)
     lines[250] = '{"id": 250, "name": "broken'
@@ -188,7 +190,10 @@ def make_source(path: Path, step: str) -> tuple[JsonLinesSource, RecordingContex
     return JsonLinesSource(config, context), context
 
 
-def read(path: Path, step: str) -> tuple[pa.Table, list[str], RecordingContext]:
+def read(
+    path: Path, step: str
+) -> tuple[pa.Table, list[str], RecordingContext, list[int]]:
+    """Read `path` with a new source; also return the rows of each batch."""
     source, context = make_source(path, step)
     source.open()
     try:
@@ -202,7 +207,7 @@ def read(path: Path, step: str) -> tuple[pa.Table, list[str], RecordingContext]:
         for i in range(b.batch.num_rows)
     ]
     table = pa.Table.from_batches([b.batch for b in batches], schema=source.schema())
-    return table, positions, context
+    return table, positions, context, [b.batch.num_rows for b in batches]
 
 
 @pytest.fixture
@@ -244,15 +249,17 @@ def test_source_gives_the_same_records_and_rejects(
     write(path, lines, bom=True, end=False)
     monkeypatch.setattr(head_start, "LIMIT", limit)
 
-    expected, expected_positions, plain = read(path, "plain")
+    expected, expected_positions, plain, expected_cuts = read(path, "plain")
     start(path)
-    got, got_positions, context = read(path, "head")
+    got, got_positions, context, cuts = read(path, "head")
 
     assert recording[0] is None  # the plain read had none
     taken = recording[1]
     assert taken is not None and taken.sizes
     assert (taken.end < path.stat().st_size) == (limit < path.stat().st_size)
     assert got.equals(expected)
+    # The same blocks too: event time and --fail-fast depend on them.
+    assert cuts == expected_cuts
     assert got_positions == expected_positions
     assert [(r, p) for r, _, p in context.rejected] == [
         (r, p) for r, _, p in plain.rejected
@@ -281,7 +288,7 @@ def test_a_replaced_file_is_read_afresh(
     write(replacement, [json.dumps({"id": 7, "name": "new", "score": 0.5})])
     replacement.replace(path)  # another inode under the same name
 
-    got, _, _ = read(path, "head")
+    got, _, _, _ = read(path, "head")
 
     assert recording == [None]
     assert got.to_pylist() == [{"id": 7, "name": "new", "score": 0.5}]
@@ -378,20 +385,60 @@ def test_turned_off_notes_nothing(
     assert not list(cache.glob("headstart-*.json"))
 
 
+DAMAGED = [
+    '[{"path": 3, "fields": [["id", 99]], "block_size": "x"}]',
+    '[{"path": "in.jsonl", "fields": [["id", 0]], "block_size": 1e30}]',
+    '[{"path": "in.jsonl", "fields": [["id", 4294967296]], "block_size": 4096}]',
+    '[{"path": "in.jsonl", "fields": [["id", 0]], "block_size": Infinity}]',
+    "[" * 100_000,
+    "{}",
+    "not json",
+]
+
+
+@pytest.mark.parametrize("text", DAMAGED)
 def test_damaged_entry_is_replaced(
     tmp_path: Path,
     command_files: tuple[Path, Path, Path],
     recording: list[head_start.Taken | None],
+    text: str,
 ) -> None:
     pipeline, data, cache = command_files
     run_cli(pipeline, data, tmp_path / "out.jsonl")
     (entry,) = cache.glob("headstart-*.json")
-    entry.write_text('[{"path": 3, "fields": [["id", 99]], "block_size": "x"}]')
+    entry.write_text(text)
 
     run_cli(pipeline, data, tmp_path / "out.jsonl")
 
     assert recording == [None, None]
     assert json.loads(entry.read_bytes())[0]["path"] == str(data)
+
+
+def test_entry_that_is_a_named_pipe_is_not_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "entry.json"
+    os.mkfifo(fifo)
+    got: list[bytes | None] = []
+    thread = threading.Thread(target=lambda: got.append(cache.read_entry(fifo)))
+    thread.start()
+    thread.join(timeout=10)
+
+    assert not thread.is_alive(), "reading the entry waited for a writer"
+    assert got == [None]
+
+
+def test_head_start_no_source_took_is_dropped(
+    tmp_path: Path, recording: list[head_start.Taken | None]
+) -> None:
+    path = tmp_path / "in.jsonl"
+    write(path, good_lines(2000))
+    start(path)
+
+    head_start.drop_unclaimed()
+
+    assert head_start._REGISTRY._running == {}
+    got, _, _, _ = read(path, "late")
+    assert recording == [None]
+    assert got.num_rows == 2000
 
 
 # --- malloc arenas ---------------------------------------------------------------

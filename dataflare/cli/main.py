@@ -30,6 +30,9 @@ EXIT_FAILED = 1
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
 
+_HEAD_START_SECONDS = 5.0
+"""Seconds after which head starts that no source took are dropped."""
+
 RUNTIME_DEFAULTS = {
     "MIMALLOC_ARENA_EAGER_COMMIT": "0",
     "OPENBLAS_NUM_THREADS": "1",
@@ -214,7 +217,11 @@ def _run(
 ) -> None:
     from dataflare.cli.render import ProgressDisplay, print_summary
     from dataflare.state.checkpoint import CheckpointNotFoundError
-    from dataflare.streaming.runner import PipelineRun, stop_on_signals
+    from dataflare.streaming.runner import (
+        PipelineRun,
+        ProgressSnapshot,
+        stop_on_signals,
+    )
 
     plan = _load_or_exit(pipeline_file, params)
     if fail_fast:
@@ -233,9 +240,15 @@ def _run(
     # The summary prints the run's error, so the engine's record of it is
     # held back, and any other error is logged after the run.
     held_errors = HeldEngineErrors()
+
+    def on_progress(snapshot: ProgressSnapshot) -> None:
+        if snapshot.records_read or snapshot.elapsed_seconds > _HEAD_START_SECONDS:
+            head_start.drop_unclaimed()  # every source has opened its first file
+        display.update(snapshot)
+
     with held_errors, stop_on_signals(pipeline_run), display:
         try:
-            summary = pipeline_run.run(on_progress=display.update)
+            summary = pipeline_run.run(on_progress=on_progress)
         except PipelineRunError as exc:
             error = exc
             summary = exc.summary  # type: ignore[attr-defined]

@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 import dataflare
-from dataflare.cache import entry_path, write_entry
+from dataflare.cache import entry_path, read_entry, write_entry
 
 _FORMAT = 1
 """Version of the entry layout, part of every key."""
@@ -60,9 +60,12 @@ def load(kind: str, text: str, schema: pa.Schema) -> dict[str, Any] | None:
     path = _path(kind, text, schema)
     if path is None:
         return None
+    data = read_entry(path)
+    if data is None:
+        return None
     try:
-        entry = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        entry = json.loads(data)
+    except (ValueError, RecursionError):
         return None
     if not isinstance(entry, dict) or entry.get("text") != text:
         return None

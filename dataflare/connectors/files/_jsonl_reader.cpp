@@ -353,6 +353,7 @@ struct HeadStartState {
   size_t taken = 0;  // pieces handed to Python by take()
   size_t kept = 0;
   size_t skipped = 0;  // a byte order mark
+  std::string rest;    // bytes read after the last block's last newline
   int error = 0;
   bool opened = false;
   unsigned long long device = 0, inode = 0;
@@ -414,9 +415,11 @@ struct HeadStartState {
       error = errno;
       return;
     }
-    std::string tail;
+    // Blocks are cut as the source's reader cuts them: the bytes after a
+    // block's last newline, then `block_size` bytes read after them.
     while (!stop.load(std::memory_order_relaxed) && kept < limit) {
-      std::string text = std::move(tail);
+      std::string text = std::move(rest);
+      rest.clear();
       size_t held = text.size();
       text.resize(held + block_size);
       got = fill(fd, &text[held], block_size);
@@ -428,11 +431,11 @@ struct HeadStartState {
       }
       size_t end = text.rfind('\n');
       if (end == std::string::npos) {
-        if (text.size() > limit) return;  // a line too long to hold here
-        tail = std::move(text);  // one line longer than the block size
+        rest = std::move(text);  // one line longer than the block size
+        if (rest.size() > limit) return;  // too long to hold here
         continue;
       }
-      tail.assign(text, end + 1, std::string::npos);
+      rest.assign(text, end + 1, std::string::npos);
       text.resize(end + 1);
       add(std::move(text));
     }
@@ -553,9 +556,15 @@ PyObject* head_start_finish(PyObject* object, PyObject* args, PyObject* kwargs) 
       return nullptr;
     }
   }
-  return Py_BuildValue("{sNsnsisN}", "sizes", sizes, "skipped",
-                       static_cast<Py_ssize_t>(state->skipped), "error", state->error,
-                       "identity", identity);
+  PyObject* rest = bytes_of(state->rest.data(), state->rest.size());
+  if (rest == nullptr) {
+    Py_DECREF(sizes);
+    Py_DECREF(identity);
+    return nullptr;
+  }
+  return Py_BuildValue("{sNsnsNsisN}", "sizes", sizes, "skipped",
+                       static_cast<Py_ssize_t>(state->skipped), "rest", rest, "error",
+                       state->error, "identity", identity);
 }
 
 PyObject* head_start_take(PyObject* object, PyObject*) {
@@ -589,7 +598,8 @@ PyMethodDef head_start_methods[] = {
      "Stop reading after the block being parsed (with wait, once the limit\n"
      "or the end of the file is reached), and say what was read:\n"
      "sizes, the bytes of input of each block; skipped, the bytes of a byte\n"
-     "order mark before them; error, an errno or 0 (EINVAL: not a regular\n"
+     "order mark before them; rest, the bytes read after the last block (the\n"
+     "start of the next, which continues with block_size more); error, an errno or 0 (EINVAL: not a regular\n"
      "file); identity, (device, inode, modification time in ns, size) of\n"
      "the file when it was opened, or None."},
     {"take", head_start_take, METH_NOARGS,

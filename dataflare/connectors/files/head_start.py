@@ -3,16 +3,17 @@
 Starting the command takes a few tenths of a second, nearly all of it
 loading Arrow, pydantic and the engine, on one core. Meanwhile another core
 can already parse the pipeline's input. So `dataflare run` starts a head
-start for each JSON lines file that the previous run of the same pipeline
-file, with the same parameters and working directory, read from its
-beginning: a native thread (`_jsonl_reader.HeadStart`, without the GIL)
-reads and parses the file's first blocks, up to `LIMIT` bytes of parsed
-columns. The `jsonl` source takes those blocks when it opens that file from
-its start with the same fields and block size, and goes on reading after
-them; the results are the same as without a head start. The source takes
-nothing if the file is another one or changed (device, inode, modification
-time or size differ) or the run resumes from a checkpoint; the command then drops the
-head start.
+start for the first file that each `jsonl` source of the previous run read
+from its beginning, where that run had the same pipeline file, parameters
+and working directory. A native thread (`_jsonl_reader.HeadStart`, without
+the GIL) reads and parses the file's first blocks, up to `LIMIT` bytes of
+parsed columns. The source takes those blocks when it opens that file from its
+start with the same fields and block size, and goes on reading after them,
+cutting the same blocks; the results are the same as without a head start.
+The source takes nothing if the file is another one or changed (device,
+inode, modification time or size differ) or the run resumes from a
+checkpoint. The command stops a head start that no source took once the
+run reads records.
 
 Which files to start on is kept in an entry of DataFlare's cache
 (`dataflare.cache`), written by the command after a run. There is no head
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import dataflare
-from dataflare.cache import entry_path, write_entry
+from dataflare.cache import entry_path, read_entry, write_entry
 
 try:
     from dataflare.connectors.files import _jsonl_reader
@@ -56,7 +57,11 @@ arena limit, in medians of 12 interleaved runs.
 """
 
 MAX_FILES = 4
-"""Files a run keeps hints of; the head starts share `LIMIT`."""
+"""Files a run keeps hints of, the first of each source; they share `LIMIT`."""
+
+_MAX_BLOCK = 1 << 30
+_MAX_FIELDS = 1 << 16
+"""Larger blocks or more fields than these in an entry mean it was damaged."""
 
 _FORMAT = "1"
 """Version of the hint entry layout, part of its key."""
@@ -82,7 +87,7 @@ class Hint:
 
 @dataclass
 class Taken:
-    """What a head start read: blocks in file order, after `skipped` bytes."""
+    """The blocks a head start read, in file order, after `skipped` bytes."""
 
     reader: Any
     """The `_jsonl_reader.HeadStart`, finished; `take()` gives its blocks."""
@@ -90,6 +95,8 @@ class Taken:
     """Bytes of a UTF-8 byte order mark before the first block."""
     sizes: list[int]
     """Bytes of input of each block."""
+    rest: bytes
+    """Bytes read after the last block, which the next block starts with."""
 
     @property
     def end(self) -> int:
@@ -118,7 +125,7 @@ class _Registry:
                 reader = _jsonl_reader.HeadStart(
                     hint.path, hint.fields, hint.block_size, LIMIT // len(hints)
                 )
-            except (ValueError, TypeError) as exc:  # an entry edited by hand
+            except (ValueError, TypeError, OverflowError) as exc:  # edited by hand
                 _LOG.debug("no head start of %s: %s", hint.path, exc)
                 continue
             with self._lock:
@@ -139,7 +146,13 @@ class _Registry:
         if done["error"] or done["identity"] != identity:
             _LOG.debug("head start of %s dropped: the file differs", hint.path)
             return None
-        return Taken(reader, done["skipped"], done["sizes"])
+        return Taken(reader, done["skipped"], done["sizes"], done["rest"])
+
+    def drop_unclaimed(self) -> None:
+        with self._lock:
+            running, self._running = self._running, {}
+        for reader in running.values():
+            reader.finish()
 
     def finish(self) -> list[Hint] | None:
         """Stop the head starts not taken; return this run's hints if new."""
@@ -180,17 +193,25 @@ def _hints_entry(pipeline: Path, params: Mapping[str, str]) -> Path | None:
 
 
 def _read_hints(entry: Path) -> list[Hint]:
+    """Return the hints of `entry`; none if it is missing or damaged."""
+    data = read_entry(entry)
+    if data is None:
+        return []
     try:
-        items = json.loads(entry.read_bytes())
+        items = json.loads(data)
         return [
             Hint(
                 str(item["path"]),
                 tuple((str(name), int(kind)) for name, kind in item["fields"]),
                 int(item["block_size"]),
             )
-            for item in items
+            for item in items[:MAX_FILES]
+            if 0 < int(item["block_size"]) <= _MAX_BLOCK
+            and len(item["fields"]) <= _MAX_FIELDS
         ]
-    except (OSError, ValueError, TypeError, KeyError):
+    # Whatever the damage (an entry edited by hand), the run rewrites it.
+    except Exception as exc:
+        _LOG.debug("head start entry %s ignored: %r", entry, exc)
         return []
 
 
@@ -213,6 +234,15 @@ def finish_run(entry: Path | None, *, save: bool) -> None:
     noted = _REGISTRY.finish()
     if entry is not None and save and noted is not None:
         write_entry(entry, json.dumps([hint.as_json() for hint in noted]).encode())
+
+
+def drop_unclaimed() -> None:
+    """Stop the head starts that no source took, and free their blocks.
+
+    The command calls this once the run reads records: by then every
+    source has opened its first file.
+    """
+    _REGISTRY.drop_unclaimed()
 
 
 def note(path: Path, fields: Fields, block_size: int) -> Hint:

@@ -808,6 +808,10 @@ _FRACTION = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}[.,](\d+)")
 _PER_MICROSECOND = {"s": 1_000_000, "ms": 1000, "us": 1}
 
 
+_GREGORIAN_CYCLE = dt.timedelta(days=146_097)
+"""400 years of the Gregorian calendar."""
+
+
 def _timestamp_converter(dtype: pa.TimestampType) -> Converter:
     """Return the converter of ISO 8601 text to a value of `dtype`.
 
@@ -822,12 +826,18 @@ def _timestamp_converter(dtype: pa.TimestampType) -> Converter:
     def convert(value: Any) -> int:
         if not isinstance(value, str):
             raise ValueError("is not a valid timestamp (write an ISO 8601 string)")
+        shift = dt.timedelta()
+        if value.startswith("0000"):
+            # Arrow reads year 0, which Python's datetime lacks; 400 years
+            # later the calendar is the same, and a fixed number of days.
+            value, shift = "0400" + value[4:], _GREGORIAN_CYCLE
         try:
             parsed = dt.datetime.fromisoformat(value)
         except ValueError:
             raise ValueError("is not a valid timestamp (ISO 8601)") from None
         offset = parsed.utcoffset() or dt.timedelta()
-        micros = (parsed.replace(tzinfo=None) - _EPOCH - offset) // _MICROSECOND
+        since = parsed.replace(tzinfo=None) - _EPOCH - offset
+        micros = (since - shift) // _MICROSECOND
         if unit != "ns":
             return micros // _PER_MICROSECOND[unit]
         fraction = _FRACTION.match(value)
@@ -1091,12 +1101,17 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
         if self.config.follow:
             yield from self._follow()
             return
+        first = True
         for path in resolve_paths(self.config.path, _EXTENSIONS):
             if str(path) in self._done:
                 self._progress.done += _file_size(path)
                 continue
             parser = JsonLinesParser(self._schema, str(path))
-            yield from self._read_new(self._cursor(path), parser, final=True)
+            cursor = self._cursor(path)
+            # Only the first file can have a head start: the command drops
+            # those not taken once the run reads records.
+            yield from self._read_new(cursor, parser, final=True, head=first)
+            first = False
             if self.context.stopping:
                 return
             self._done.add(str(path))
@@ -1120,12 +1135,18 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
                 time.sleep(self.config.poll_interval.total_seconds())
 
     def _read_new(
-        self, cursor: _Cursor, parser: JsonLinesParser, *, final: bool
+        self,
+        cursor: _Cursor,
+        parser: JsonLinesParser,
+        *,
+        final: bool,
+        head: bool = False,
     ) -> Iterator[SourceBatch]:
         """Parse the complete lines after `cursor`, and at `final` the rest too.
 
         Without `final`, the bytes after the last newline stay unread, and
-        `cursor.unterminated` counts them.
+        `cursor.unterminated` counts them. With `head`, the blocks of a head
+        start of the file come first, if the command started one.
         """
         try:
             file = cursor.path.open("rb")
@@ -1137,15 +1158,19 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
         with file:
             cursor.unterminated = 0  # known again once the end is reached
             self._check_replaced(cursor, file)
-            taken = self._head_start(cursor, parser, file) if final else None
+            taken = self._head_start(cursor, parser, file) if head else None
             if taken is not None:
                 self._advance(cursor, taken.skipped, 0)
             else:
                 file.seek(cursor.offset)
                 if cursor.offset == 0 and file.read(len(BOM)) == BOM:
                     self._advance(cursor, len(BOM), 0)
-            file.seek(cursor.offset if taken is None else taken.end)
             reader = _BlockReader(file, self.config.block_size)
+            if taken is None:
+                file.seek(cursor.offset)
+            else:  # go on cutting blocks where the head start stopped
+                file.seek(taken.end + len(taken.rest))
+                reader.tail = taken.rest
             blocks = reader.blocks(final)
             if self._pool is not None and final:
                 # Reading moves off this thread, which also runs the steps
