@@ -104,7 +104,7 @@ def test_blocks_are_those_read_block_gives(
     assert done["skipped"] + sum(done["sizes"]) == status.st_size
 
 
-def test_block_the_native_reader_leaves_comes_back_as_text(tmp_path: Path) -> None:
+def test_unparsed_block_returned_as_text(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     lines = good_lines(400)
     lines[250] = '{"id": 250, "name": "broken'
@@ -211,15 +211,17 @@ def read(
 
 
 @pytest.fixture
-def recording(monkeypatch: pytest.MonkeyPatch) -> list[head_start.Taken | None]:
+def recording(monkeypatch: pytest.MonkeyPatch) -> list[head_start.ClaimedBlocks | None]:
     """Record what each claim returned."""
-    claims: list[head_start.Taken | None] = []
+    claims: list[head_start.ClaimedBlocks | None] = []
     claim = head_start.claim
 
-    def spy(hint: head_start.Hint, status: os.stat_result) -> head_start.Taken | None:
-        taken = claim(hint, status)
-        claims.append(taken)
-        return taken
+    def spy(
+        hint: head_start.Hint, status: os.stat_result
+    ) -> head_start.ClaimedBlocks | None:
+        claimed = claim(hint, status)
+        claims.append(claimed)
+        return claimed
 
     monkeypatch.setattr(head_start, "claim", spy)
     yield claims
@@ -238,7 +240,7 @@ def start(path: Path) -> None:
 def test_source_gives_the_same_records_and_rejects(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    recording: list[head_start.Taken | None],
+    recording: list[head_start.ClaimedBlocks | None],
     limit: int,
 ) -> None:
     path = tmp_path / "in.jsonl"
@@ -254,9 +256,10 @@ def test_source_gives_the_same_records_and_rejects(
     got, got_positions, context, cuts = read(path, "head")
 
     assert recording[0] is None  # the plain read had none
-    taken = recording[1]
-    assert taken is not None and taken.sizes
-    assert (taken.end < path.stat().st_size) == (limit < path.stat().st_size)
+    claimed = recording[1]
+    assert claimed is not None
+    assert claimed.sizes
+    assert (claimed.end < path.stat().st_size) == (limit < path.stat().st_size)
     assert got.equals(expected)
     # The same blocks too: event time and --fail-fast depend on them.
     assert cuts == expected_cuts
@@ -278,8 +281,8 @@ def test_source_gives_the_same_records_and_rejects(
     assert got.column("score").to_pylist() == pytest.approx(frame["score"].tolist())
 
 
-def test_a_replaced_file_is_read_afresh(
-    tmp_path: Path, recording: list[head_start.Taken | None]
+def test_replaced_file_read_afresh(
+    tmp_path: Path, recording: list[head_start.ClaimedBlocks | None]
 ) -> None:
     path = tmp_path / "in.jsonl"
     write(path, good_lines(2000))
@@ -348,7 +351,7 @@ def command_files(
 def test_second_run_takes_what_the_first_noted(
     tmp_path: Path,
     command_files: tuple[Path, Path, Path],
-    recording: list[head_start.Taken | None],
+    recording: list[head_start.ClaimedBlocks | None],
 ) -> None:
     pipeline, data, cache = command_files
 
@@ -400,7 +403,7 @@ DAMAGED = [
 def test_damaged_entry_is_replaced(
     tmp_path: Path,
     command_files: tuple[Path, Path, Path],
-    recording: list[head_start.Taken | None],
+    recording: list[head_start.ClaimedBlocks | None],
     text: str,
 ) -> None:
     pipeline, data, cache = command_files
@@ -414,7 +417,7 @@ def test_damaged_entry_is_replaced(
     assert json.loads(entry.read_bytes())[0]["path"] == str(data)
 
 
-def test_entry_that_is_a_named_pipe_is_not_read(tmp_path: Path) -> None:
+def test_named_pipe_entry_not_read(tmp_path: Path) -> None:
     fifo = tmp_path / "entry.json"
     os.mkfifo(fifo)
     got: list[bytes | None] = []
@@ -427,7 +430,7 @@ def test_entry_that_is_a_named_pipe_is_not_read(tmp_path: Path) -> None:
 
 
 def test_head_start_no_source_took_is_dropped(
-    tmp_path: Path, recording: list[head_start.Taken | None]
+    tmp_path: Path, recording: list[head_start.ClaimedBlocks | None]
 ) -> None:
     path = tmp_path / "in.jsonl"
     write(path, good_lines(2000))

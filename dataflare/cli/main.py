@@ -189,82 +189,57 @@ def run(
     """
     values = _parse_params(params)
     # Parsing the input starts now, on another core, while the engine loads.
-    hints = head_start.start_for(pipeline_file, values)
-    try:
-        _run(
-            pipeline_file,
-            values,
-            hints,
-            fail_fast,
-            progress,
-            summary_json,
-            resume_from,
-            from_scratch,
+    with head_start.started(pipeline_file, values) as hints:
+        from dataflare.cli.render import ProgressDisplay, print_summary
+        from dataflare.state.checkpoint import CheckpointNotFoundError
+        from dataflare.streaming.runner import (
+            PipelineRun,
+            ProgressSnapshot,
+            stop_on_signals,
         )
-    finally:
-        head_start.finish_run(hints, save=False)
 
-
-def _run(
-    pipeline_file: Path,
-    params: dict[str, str],
-    hints: Path | None,
-    fail_fast: bool,
-    progress: bool | None,
-    summary_json: Path | None,
-    resume_from: str | None,
-    from_scratch: bool,
-) -> None:
-    from dataflare.cli.render import ProgressDisplay, print_summary
-    from dataflare.state.checkpoint import CheckpointNotFoundError
-    from dataflare.streaming.runner import (
-        PipelineRun,
-        ProgressSnapshot,
-        stop_on_signals,
-    )
-
-    plan = _load_or_exit(pipeline_file, params)
-    if fail_fast:
-        plan.spec.errors.policy = "fail"
-    show = sys.stderr.isatty() if progress is None else progress
-    try:
-        pipeline_run = PipelineRun(
-            plan, resume_from=resume_from, from_scratch=from_scratch
-        )
-    except PipelineRunError as exc:
-        click.echo(f"error: {exc}", err=True)
-        not_found = isinstance(exc.__cause__, CheckpointNotFoundError)
-        sys.exit(EXIT_INVALID if not_found else EXIT_FAILED)
-    display = ProgressDisplay(enabled=show)
-    error: PipelineRunError | None = None
-    # The summary prints the run's error, so the engine's record of it is
-    # held back, and any other error is logged after the run.
-    held_errors = HeldEngineErrors()
-
-    def on_progress(snapshot: ProgressSnapshot) -> None:
-        if snapshot.records_read or snapshot.elapsed_seconds > _HEAD_START_SECONDS:
-            head_start.drop_unclaimed()  # every source has opened its first file
-        display.update(snapshot)
-
-    with held_errors, stop_on_signals(pipeline_run), display:
+        plan = _load_or_exit(pipeline_file, values)
+        if fail_fast:
+            plan.spec.errors.policy = "fail"
+        show = sys.stderr.isatty() if progress is None else progress
         try:
-            summary = pipeline_run.run(on_progress=on_progress)
+            pipeline_run = PipelineRun(
+                plan, resume_from=resume_from, from_scratch=from_scratch
+            )
         except PipelineRunError as exc:
-            error = exc
-            summary = exc.summary  # type: ignore[attr-defined]
-    held_errors.release(summary.error)
-    head_start.finish_run(hints, save=True)
-    print_summary(summary)
-    if summary_json is not None:
-        summary_json.parent.mkdir(parents=True, exist_ok=True)
-        summary_json.write_bytes(
-            orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2)
-        )
-    if error is not None:
-        sys.exit(EXIT_FAILED)  # the summary's last line gives the error
-    bounded = all(s.bounded for s in pipeline_run.executor.sources())
-    if summary.status == "stopped" and bounded:
-        sys.exit(EXIT_INTERRUPTED)
+            click.echo(f"error: {exc}", err=True)
+            not_found = isinstance(exc.__cause__, CheckpointNotFoundError)
+            sys.exit(EXIT_INVALID if not_found else EXIT_FAILED)
+        display = ProgressDisplay(enabled=show)
+        error: PipelineRunError | None = None
+        # The summary prints the run's error, so the engine's record of it is
+        # held back, and any other error is logged after the run.
+        held_errors = HeldEngineErrors()
+
+        def on_progress(snapshot: ProgressSnapshot) -> None:
+            if snapshot.records_read or snapshot.elapsed_seconds > _HEAD_START_SECONDS:
+                head_start.drop_unclaimed()  # every source has opened its first file
+            display.update(snapshot)
+
+        with held_errors, stop_on_signals(pipeline_run), display:
+            try:
+                summary = pipeline_run.run(on_progress=on_progress)
+            except PipelineRunError as exc:
+                error = exc
+                summary = exc.summary  # type: ignore[attr-defined]
+        held_errors.release(summary.error)
+        head_start.finish_run(hints, save=True)
+        print_summary(summary)
+        if summary_json is not None:
+            summary_json.parent.mkdir(parents=True, exist_ok=True)
+            summary_json.write_bytes(
+                orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2)
+            )
+        if error is not None:
+            sys.exit(EXIT_FAILED)  # the summary's last line gives the error
+        bounded = all(s.bounded for s in pipeline_run.executor.sources())
+        if summary.status == "stopped" and bounded:
+            sys.exit(EXIT_INTERRUPTED)
 
 
 @cli.command()

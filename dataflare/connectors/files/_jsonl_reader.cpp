@@ -286,7 +286,7 @@ int64_t parse_block(const char* data, size_t size, std::vector<Column>& columns)
   return rows;
 }
 
-// (rows, [column tuples]) of parsed columns.
+// Return (rows, [column tuples]) for parsed columns.
 PyObject* columns_result(const std::vector<Column>& columns, int64_t rows) {
   PyObject* result = PyList_New(static_cast<Py_ssize_t>(columns.size()));
   if (result == nullptr) return nullptr;
@@ -332,7 +332,7 @@ struct Piece {
   std::string text;
 };
 
-size_t kept_bytes(const std::vector<Column>& columns) {
+size_t stored_bytes(const std::vector<Column>& columns) {
   size_t total = 0;
   for (const Column& c : columns) {
     total += c.valid.size() + c.ints.size() * sizeof(int64_t) +
@@ -350,8 +350,8 @@ struct HeadStartState {
   std::atomic<bool> stop{false};
   // Written by the thread only; read after it was joined.
   std::vector<Piece> pieces;
-  size_t taken = 0;  // pieces handed to Python by take()
-  size_t kept = 0;
+  size_t handed_out = 0;  // pieces that take() returned
+  size_t stored = 0;  // bytes of the pieces held for take()
   size_t skipped = 0;  // a byte order mark
   std::string rest;    // bytes read after the last block's last newline
   int error = 0;
@@ -388,8 +388,8 @@ struct HeadStartState {
     parser = simdjson::dom::parser{};
   }
 
-  // Fill `buffer` with up to `size` bytes read from `fd`; return the bytes
-  // read (fewer at the end of the file), or -1 on an error.
+  // Read up to `size` bytes from `fd` into `buffer`. Returns the bytes read,
+  // which are fewer only at the end of the file, or -1 on an error.
   ssize_t fill(int fd, char* buffer, size_t size) {
     size_t done = 0;
     while (done < size) {
@@ -417,14 +417,14 @@ struct HeadStartState {
     }
     // Blocks are cut as the source's reader cuts them: the bytes after a
     // block's last newline, then `block_size` bytes read after them.
-    while (!stop.load(std::memory_order_relaxed) && kept < limit) {
+    while (!stop.load(std::memory_order_relaxed) && stored < limit) {
       std::string text = std::move(rest);
       rest.clear();
-      size_t held = text.size();
-      text.resize(held + block_size);
-      got = fill(fd, &text[held], block_size);
+      size_t carried = text.size();
+      text.resize(carried + block_size);
+      got = fill(fd, &text[carried], block_size);
       if (got < 0) return;
-      text.resize(held + static_cast<size_t>(got));
+      text.resize(carried + static_cast<size_t>(got));
       if (got == 0) {
         if (!text.empty()) add(std::move(text));  // a last line with no newline
         return;
@@ -449,9 +449,9 @@ struct HeadStartState {
     if (piece.rows < 0) {
       piece.columns.clear();
       piece.text = std::move(text);
-      kept += piece.text.size();
+      stored += piece.text.size();
     } else {
-      kept += kept_bytes(piece.columns);
+      stored += stored_bytes(piece.columns);
     }
     pieces.push_back(std::move(piece));
   }
@@ -485,14 +485,18 @@ int head_start_init(PyObject* object, PyObject* args, PyObject* kwargs) {
                                    &path, &PyTuple_Type, &fields, &block_size, &limit)) {
     return -1;
   }
+
   if (self->state != nullptr) {
     PyErr_SetString(PyExc_RuntimeError, "a head start runs only once");
     return -1;
   }
   if (block_size <= 0 || limit < 0) {
-    PyErr_SetString(PyExc_ValueError, "block_size must be positive, limit not negative");
+    PyErr_SetString(PyExc_ValueError,
+                    "invalid block_size or limit: block_size must be positive and "
+                    "limit at least 0");
     return -1;
   }
+
   auto* state = new HeadStartState();
   if (!make_columns(fields, state->columns)) {
     delete state;
@@ -502,6 +506,7 @@ int head_start_init(PyObject* object, PyObject* args, PyObject* kwargs) {
   state->block_size = static_cast<size_t>(block_size);
   state->limit = static_cast<size_t>(limit);
   self->state = state;
+
   try {
     self->thread = new std::thread([state] { state->run(); });
   } catch (...) {
@@ -535,6 +540,7 @@ PyObject* head_start_finish(PyObject* object, PyObject* args, PyObject* kwargs) 
   HeadStartState* state = started(object);
   if (state == nullptr) return nullptr;
   head_start_join(reinterpret_cast<HeadStartObject*>(object), !wait);
+
   PyObject* sizes = PyList_New(static_cast<Py_ssize_t>(state->pieces.size()));
   if (sizes == nullptr) return nullptr;
   for (size_t i = 0; i < state->pieces.size(); i++) {
@@ -545,6 +551,7 @@ PyObject* head_start_finish(PyObject* object, PyObject* args, PyObject* kwargs) 
     }
     PyList_SET_ITEM(sizes, static_cast<Py_ssize_t>(i), size);
   }
+
   PyObject* identity = Py_None;
   Py_INCREF(Py_None);
   if (state->opened) {
@@ -556,6 +563,7 @@ PyObject* head_start_finish(PyObject* object, PyObject* args, PyObject* kwargs) 
       return nullptr;
     }
   }
+
   PyObject* rest = bytes_of(state->rest.data(), state->rest.size());
   if (rest == nullptr) {
     Py_DECREF(sizes);
@@ -575,13 +583,13 @@ PyObject* head_start_take(PyObject* object, PyObject*) {
     PyErr_SetString(PyExc_RuntimeError, "call finish() before take()");
     return nullptr;
   }
-  if (state->taken == state->pieces.size()) Py_RETURN_NONE;
-  Piece piece = std::move(state->pieces[state->taken++]);
+  if (state->handed_out == state->pieces.size()) Py_RETURN_NONE;
+  Piece piece = std::move(state->pieces[state->handed_out++]);
 #ifdef __GLIBC__
-  // The blocks taken before were copied into Python objects on this thread
+  // The blocks returned before were copied into Python objects on this thread
   // and are freed by now. glibc keeps freed memory in its arenas; give it
   // back, or it would add to the memory of the rest of the run.
-  if (state->taken == state->pieces.size()) malloc_trim(0);
+  if (state->handed_out == state->pieces.size()) malloc_trim(0);
 #endif
   if (piece.rows < 0) {
     return Py_BuildValue("(Oy#)", Py_None, piece.text.data(),
@@ -606,7 +614,7 @@ PyMethodDef head_start_methods[] = {
      "take() -> ((rows, columns) or None, text or None) or None\n\n"
      "After finish(): the next block, as read_block parsed it, or its text\n"
      "where read_block would return None; None after the last block. Each\n"
-     "block's memory goes when it is taken."},
+     "block's memory is freed when take() returns it."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyTypeObject HeadStartType = {PyVarObject_HEAD_INIT(nullptr, 0)};
@@ -631,7 +639,7 @@ PyMODINIT_FUNC PyInit__jsonl_reader(void) {
       "HeadStart(path, fields, block_size, limit)\n\n"
       "Read `path` from its start in blocks of `block_size` bytes that end on\n"
       "a newline, and parse each as read_block does, on a thread without the\n"
-      "GIL, until about `limit` bytes of columns are kept or finish() is called.";
+      "GIL, until about `limit` bytes of columns are stored or finish() is called.";
   HeadStartType.tp_new = PyType_GenericNew;
   HeadStartType.tp_init = head_start_init;
   HeadStartType.tp_dealloc = head_start_dealloc;

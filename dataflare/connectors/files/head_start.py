@@ -8,8 +8,8 @@ from its beginning, where that run had the same pipeline file, parameters
 and working directory. A native thread (`_jsonl_reader.HeadStart`, without
 the GIL) reads and parses the file's first blocks, up to `LIMIT` bytes of
 parsed columns. The source takes those blocks when it opens that file from its
-start with the same fields and block size, and goes on reading after them,
-cutting the same blocks; the results are the same as without a head start.
+start with the same fields and block size. It then reads on after them and
+cuts the same blocks, so the results are the same as without a head start.
 The source takes nothing if the file is another one or changed (device,
 inode, modification time or size differ) or the run resumes from a
 checkpoint. The command stops a head start that no source took once the
@@ -29,7 +29,8 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ class Hint:
 
 
 @dataclass
-class Taken:
+class ClaimedBlocks:
     """The blocks a head start read, in file order, after `skipped` bytes."""
 
     reader: Any
@@ -136,7 +137,7 @@ class _Registry:
             if self._recording and len(self._noted) < MAX_FILES:
                 self._noted[hint] = None
 
-    def claim(self, hint: Hint, status: os.stat_result) -> Taken | None:
+    def claim(self, hint: Hint, status: os.stat_result) -> ClaimedBlocks | None:
         with self._lock:
             reader = self._running.pop(hint, None)
         if reader is None:
@@ -146,7 +147,7 @@ class _Registry:
         if done["error"] or done["identity"] != identity:
             _LOG.debug("head start of %s dropped: the file differs", hint.path)
             return None
-        return Taken(reader, done["skipped"], done["sizes"], done["rest"])
+        return ClaimedBlocks(reader, done["skipped"], done["sizes"], done["rest"])
 
     def drop_unclaimed(self) -> None:
         with self._lock:
@@ -229,6 +230,19 @@ def start_for(pipeline: Path, params: Mapping[str, str]) -> Path | None:
     return entry
 
 
+@contextmanager
+def started(pipeline: Path, params: Mapping[str, str]) -> Iterator[Path | None]:
+    """Start the head starts of `pipeline` for a run; stop those left at the end.
+
+    Yields the entry to pass to `finish_run` once the run has read its input.
+    """
+    entry = start_for(pipeline, params)
+    try:
+        yield entry
+    finally:
+        finish_run(entry, save=False)
+
+
 def finish_run(entry: Path | None, *, save: bool) -> None:
     """Stop the head starts not taken, and with `save` keep this run's hints."""
     noted = _REGISTRY.finish()
@@ -255,6 +269,6 @@ def note(path: Path, fields: Fields, block_size: int) -> Hint:
     return hint
 
 
-def claim(hint: Hint, status: os.stat_result) -> Taken | None:
+def claim(hint: Hint, status: os.stat_result) -> ClaimedBlocks | None:
     """Take the head start of `hint` if one ran on the file of `status`."""
     return _REGISTRY.claim(hint, status)

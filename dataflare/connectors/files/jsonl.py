@@ -1109,7 +1109,7 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
             parser = JsonLinesParser(self._schema, str(path))
             cursor = self._cursor(path)
             # Only the first file can have a head start: the command drops
-            # those not taken once the run reads records.
+            # those not claimed once the run reads records.
             yield from self._read_new(cursor, parser, final=True, head=first)
             first = False
             if self.context.stopping:
@@ -1158,25 +1158,25 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
         with file:
             cursor.unterminated = 0  # known again once the end is reached
             self._check_replaced(cursor, file)
-            taken = self._head_start(cursor, parser, file) if head else None
-            if taken is not None:
-                self._advance(cursor, taken.skipped, 0)
+            claimed = self._head_start(cursor, parser, file) if head else None
+            if claimed is not None:
+                self._advance(cursor, claimed.skipped, 0)
             else:
                 file.seek(cursor.offset)
                 if cursor.offset == 0 and file.read(len(BOM)) == BOM:
                     self._advance(cursor, len(BOM), 0)
             reader = _BlockReader(file, self.config.block_size)
-            if taken is None:
+            if claimed is None:
                 file.seek(cursor.offset)
             else:  # go on cutting blocks where the head start stopped
-                file.seek(taken.end + len(taken.rest))
-                reader.tail = taken.rest
+                file.seek(claimed.end + len(claimed.rest))
+                reader.tail = claimed.rest
             blocks = reader.blocks(final)
             if self._pool is not None and final:
                 # Reading moves off this thread, which also runs the steps
                 # chained after the source.
                 blocks = _read_ahead(blocks, self._threads)
-            ready = () if taken is None else _taken_results(taken, parser, file)
+            ready = () if claimed is None else _claimed_results(claimed, parser, file)
             for size, result in self._parse_in_order(parser, blocks, ready):
                 parsed = result.at(parser.name, cursor.lines + 1)
                 self._advance(cursor, size, result.lines)
@@ -1193,7 +1193,7 @@ class JsonLinesSource(Source[JsonLinesSourceConfig]):
 
     def _head_start(
         self, cursor: _Cursor, parser: JsonLinesParser, file: IO[bytes]
-    ) -> head_start.Taken | None:
+    ) -> head_start.ClaimedBlocks | None:
         """Take the blocks a head start parsed of this file, if any.
 
         Only a regular file read from its start with the native reader can
@@ -1326,17 +1326,17 @@ def _read_ahead(blocks: Iterator[bytearray], depth: int) -> Iterator[bytearray]:
         thread.join()
 
 
-def _taken_results(
-    taken: head_start.Taken, parser: JsonLinesParser, file: IO[bytes]
+def _claimed_results(
+    claimed: head_start.ClaimedBlocks, parser: JsonLinesParser, file: IO[bytes]
 ) -> Iterator[tuple[int, BlockResult]]:
     """Yield sizes and results of the blocks a head start read, in file order.
 
     A block the native reader left to Arrow is parsed now. So is one whose
     columns Arrow would cast differently; it is read again from `file`.
     """
-    offset = taken.skipped
-    for size in taken.sizes:
-        native, text = taken.reader.take()
+    offset = claimed.skipped
+    for size in claimed.sizes:
+        native, text = claimed.reader.take()
         result = None if native is None else parser.from_native(native)
         if result is None:
             block = text if text is not None else os.pread(file.fileno(), size, offset)
