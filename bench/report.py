@@ -232,10 +232,12 @@ def render(results: dict[str, Any], labels: dict[str, str]) -> str:
     add("## W1: stateless filter and projection\n")
     add(_file_table(runs.get("W1", {}), name, reference="dataflare"))
     add(W1_TEXT)
+    add(_start_measures(runs.get("W1", {})))
     add("## W2: event-time windows\n")
     add(_file_table(runs.get("W2", {}), name, reference="dataflare"))
     add(_growth(runs, settings, name))
     add(W2_TEXT)
+    add(_start_measures(runs.get("W2", {})))
     add("## W3: latency at a fixed rate\n")
     add(_latency_tables(runs, name))
     add(W3_TEXT)
@@ -405,6 +407,38 @@ def _file_table(
             line += f" {got['check']} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _start_measures(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """Compare the default run with each start-up or memory measure turned off."""
+    default = throughput(rows.get("dataflare", []))
+    if default is None:
+        return ""
+    parts = []
+    for key, label in (
+        ("dataflare-no-head-start", "Without the head start"),
+        ("dataflare-default-arenas", "With glibc's default malloc arenas"),
+    ):
+        got = throughput(rows.get(key, []))
+        if got is None:
+            continue
+        parts.append(
+            f"{label}: {got['wall']:.2f} s ({got['wall'] / default['wall']:.2f}× "
+            f"the default's wall time) and {got['peak']:.0f} MB."
+        )
+    if not parts:
+        return ""
+    parts.insert(
+        0,
+        f"By default the run took {default['wall']:.2f} s and peaked at "
+        f"{default['peak']:.0f} MB (medians).",
+    )
+    return (
+        'The rows "head start off" and "glibc\'s default malloc arenas" run '
+        "the same command with `DATAFLARE_HEAD_START=0`, or with "
+        "`MALLOC_ARENA_MAX` set to glibc's own limit (8 per online CPU), which "
+        "turns off the cap of two that `dataflare run` sets. " + " ".join(parts) + "\n"
+    )
 
 
 def _growth(runs: dict[str, Any], settings: dict[str, Any], name: Any) -> str:

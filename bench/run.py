@@ -51,6 +51,10 @@ DATAFLARE = ROOT / ".venv" / "bin" / "dataflare"
 PYTHON = Path(sys.executable)
 TWO_CORES = (0, 1)
 ONE_CORE = (0,)
+GLIBC_ARENAS = 8 * (os.cpu_count() or 1)
+"""glibc's own limit on malloc arenas on 64-bit machines, 8 per online CPU
+(`NARENAS_FROM_NCORES` in glibc's malloc/arena.c). Set as
+`MALLOC_ARENA_MAX`, it turns off the cap that `dataflare run` sets."""
 ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "startup")
 PEERS = ("bytewax", "pathway", "baseline")
 PEER_PROGRAMS = {
@@ -65,6 +69,8 @@ LABELS = {
     "dataflare-generate": "DataFlare (`generate` source)",
     "dataflare-rate": "DataFlare (scheduled source)",
     "dataflare-cold": "DataFlare, plan cache off",
+    "dataflare-no-head-start": "DataFlare, head start off",
+    "dataflare-default-arenas": "DataFlare, glibc's default malloc arenas",
     "bytewax": "Bytewax",
     "pathway": "Pathway",
     "baseline": "Plain Python (orjson loop)",
@@ -238,6 +244,19 @@ def file_workload(
         TWO_CORES,
         {},
     )
+    if workload in ("W1", "W2"):
+        # The same command without each start-up and memory measure of
+        # `dataflare run`, to show what each gives on this machine.
+        variants["dataflare-no-head-start"] = (
+            dataflare_file(pipeline, input=source, output=target("no-head-start")),
+            TWO_CORES,
+            {"DATAFLARE_HEAD_START": "0"},
+        )
+        variants["dataflare-default-arenas"] = (
+            dataflare_file(pipeline, input=source, output=target("default-arenas")),
+            TWO_CORES,
+            {"MALLOC_ARENA_MAX": str(GLIBC_ARENAS)},
+        )
     if workload in ("W1", "W4"):
         variants["dataflare-1core"] = (
             dataflare_file(pipeline, input=source, output=target("1core"), **extra),
