@@ -147,8 +147,11 @@ def random_value(rng: random.Random) -> Any:
     )
 
 
-def random_line(rng: random.Random) -> bytes:
-    """One line: mostly well-typed records, sometimes a value of another type."""
+def random_line(rng: random.Random, *, shuffle: bool = False) -> bytes:
+    """One line: mostly well-typed records, sometimes a value of another type.
+
+    With `shuffle`, the fields come in a random order.
+    """
     record: dict[str, Any] = {}
     for field, make in (
         ("name", lambda: "".join(rng.choice('abc é😀"\\') for _ in range(5))),
@@ -166,6 +169,10 @@ def random_line(rng: random.Random) -> bytes:
             record[field] = random_value(rng)  # often the wrong type
         else:
             record[field] = make()
+    if shuffle:
+        items = list(record.items())
+        rng.shuffle(items)
+        record = dict(items)
     text = json.dumps(record, ensure_ascii=rng.random() < 0.5)
     if rng.random() < 0.01:
         text = text[: len(text) // 2]  # not JSON
@@ -183,6 +190,70 @@ def test_native_random_blocks_match_arrow() -> None:
         taken += took
     # About half of the blocks have no doubtful line and must be taken.
     assert taken > 50
+
+
+@native_only
+def test_native_random_field_orders_match_arrow() -> None:
+    rng = random.Random(5122026)
+    taken = 0
+    for _ in range(200):
+        lines = [random_line(rng, shuffle=True) for _ in range(rng.randint(1, 40))]
+        took, _ = both_ways(b"\n".join(lines) + b"\n")
+        taken += took
+    assert taken > 30
+
+
+@native_only
+def test_native_field_order_changes() -> None:
+    schema = pa.schema(
+        [
+            ("departure_delay", pa.int64()),
+            ("count", pa.int64()),
+            ("name", pa.string()),
+        ]
+    )
+    lines = [
+        b'{"departure_delay":1,"count":2,"name":"a"}',
+        b'{"name":"b","departure_delay":3,"count":4}',
+        b'{"departure_delax":5,"count":6,"name":"c"}',
+        b'{"count":7,"coun":8,"counts":9,"name":"d"}',
+        b'{"departure_delay":10}',
+        b'{"departure_delay":11,"count":12,"name":"e"}',
+    ]
+    taken, result = both_ways(b"\n".join(lines) + b"\n", schema)
+    assert taken
+    assert result.batch.column("departure_delay").to_pylist() == [
+        1,
+        3,
+        None,
+        None,
+        10,
+        11,
+    ]
+    assert result.batch.column("count").to_pylist() == [2, 4, 6, 7, None, 12]
+    assert result.batch.column("name").to_pylist() == ["a", "b", "c", "d", None, "e"]
+
+
+@native_only
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"name":"a","ratio":1.5,"count":3,"ok":true}\n' * 40,
+        b'{"name":"a","count":3}\n' * 40 + b'{"name":"b"}',
+        b'{"name":"a","count":3}\n' * 40 + b'{"name":',
+    ],
+)
+def test_native_bytearray_spare_bytes_unread(text: bytes) -> None:
+    # A bytearray that shrinks by less than half keeps its memory, so the
+    # text that stood after the end is still there. The reader parses such
+    # a block where it is, and must not read on past its end.
+    block = bytearray(text + b'"x"}\n{"count":5}\n' * 20)
+    del block[len(text) :]
+    reader = jsonl_module._jsonl_reader
+    assert reader is not None
+    fields = native_fields(SCHEMA)
+    assert fields is not None
+    assert reader.read_block(block, fields) == reader.read_block(bytes(text), fields)
 
 
 @native_only

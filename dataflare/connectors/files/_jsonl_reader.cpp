@@ -140,9 +140,36 @@ bool has_negative_zero(const char* data, size_t size) {
   return false;
 }
 
+// True if `a` and `b` are the same text, compared 8 bytes at a time
+// without a call to memcmp: field names are short.
+inline bool same_text(std::string_view a, std::string_view b) {
+  size_t n = a.size();
+  if (n != b.size()) return false;
+  const char* x = a.data();
+  const char* y = b.data();
+  for (; n >= 8; n -= 8, x += 8, y += 8) {
+    uint64_t u, v;
+    std::memcpy(&u, x, 8);
+    std::memcpy(&v, y, 8);
+    if (u != v) return false;
+  }
+  for (; n > 0; n--) {
+    if (*x++ != *y++) return false;
+  }
+  return true;
+}
+
+// A field name seen at one position of an object, and its column (the
+// column count when the schema lacks it).
+struct NameAt {
+  std::string name;
+  size_t column;
+};
+
 // Parse `size` bytes at `data` into `columns`, in windows of `batch`
 // bytes; return the row count, or -1 where Arrow must parse the block. A
-// line longer than `batch` makes it fail.
+// line longer than `batch` makes it fail. The SIMDJSON_PADDING bytes
+// after the text must be allocated (simdjson may read them).
 int64_t parse(const char* data, size_t size, size_t batch, std::vector<Column>& columns) {
   parser.threaded = false;  // the thread pool already keeps the cores busy
   std::unordered_map<std::string_view, size_t> by_name;
@@ -155,14 +182,27 @@ int64_t parse(const char* data, size_t size, size_t batch, std::vector<Column>& 
       return found == by_name.end() ? columns.size() : found->second;
     }
     for (size_t i = 0; i < columns.size(); i++) {
-      if (key == columns[i].name) return i;
+      if (same_text(key, columns[i].name)) return i;
     }
     return columns.size();
   };
+  // Lines of one file mostly list their fields in the same order, so the
+  // name at each position of the last object is checked first.
+  std::vector<NameAt> last_names;
+  auto column_at = [&](size_t position, std::string_view key) -> size_t {
+    if (position < last_names.size()) {
+      NameAt& last = last_names[position];
+      if (same_text(key, last.name)) return last.column;
+      last.name.assign(key.data(), key.size());
+      last.column = index_of(key);
+      return last.column;
+    }
+    last_names.push_back(NameAt{std::string(key), index_of(key)});
+    return last_names.back().column;
+  };
 
-  simdjson::padded_string padded(data, size);
   simdjson::dom::document_stream stream;
-  if (parser.parse_many(padded, batch < size ? batch : size).get(stream)) return -1;
+  if (parser.parse_many(data, size, batch < size ? batch : size).get(stream)) return -1;
 
   size_t line_start = 0;
   int64_t row = 0;
@@ -178,8 +218,9 @@ int64_t parse(const char* data, size_t size, size_t batch, std::vector<Column>& 
     line_start = newline ? static_cast<const char*>(newline) - data + 1 : size;
     simdjson::dom::object object;
     if (doc.get_object().get(object)) return -1;
+    size_t position = 0;
     for (auto field : object) {
-      size_t i = index_of(field.key);
+      size_t i = column_at(position++, field.key);
       if (i == columns.size()) continue;  // not in the schema
       if (seen[i] == row) return -1;      // a field given twice
       seen[i] = row;
@@ -263,13 +304,21 @@ bool make_columns(PyObject* fields, std::vector<Column>& columns) {
 }
 
 // Parse a block into `columns` (empty ones on entry); return the row
-// count, or -1 where Arrow must parse the block. Runs without the GIL.
-int64_t parse_block(const char* data, size_t size, std::vector<Column>& columns) {
+// count, or -1 where Arrow must parse the block. `padded`: the
+// SIMDJSON_PADDING bytes after the block are allocated, so simdjson reads
+// the block where it is instead of a padded copy. Runs without the GIL.
+int64_t parse_block(const char* data, size_t size, bool padded,
+                    std::vector<Column>& columns) {
   int64_t rows = -1;
   bool has_float = false;
   for (const Column& c : columns) has_float |= c.kind == FLOAT64;
   try {
     if (!(has_float && has_negative_zero(data, size))) {
+      simdjson::padded_string copy;
+      if (!padded) {
+        copy = simdjson::padded_string(data, size);
+        data = copy.data();
+      }
       std::vector<Column> empty = columns;
       // Windows of 256 KiB parse faster than whole blocks (they stay in
       // the cache) and keep the parser small; a longer line needs one.
@@ -301,10 +350,23 @@ PyObject* columns_result(const std::vector<Column>& columns, int64_t rows) {
   return Py_BuildValue("(LN)", static_cast<long long>(rows), result);
 }
 
+// True if the SIMDJSON_PADDING bytes after the text of `object` belong
+// to it: a bytearray that has them to spare.
+bool has_padding(PyObject* object) {
+  if (!PyByteArray_CheckExact(object)) return false;
+  auto* array = reinterpret_cast<PyByteArrayObject*>(object);
+  Py_ssize_t used = (array->ob_start - array->ob_bytes) + Py_SIZE(object);
+  return array->ob_alloc - used >= static_cast<Py_ssize_t>(simdjson::SIMDJSON_PADDING);
+}
+
 PyObject* read_block(PyObject*, PyObject* args) {
-  Py_buffer block;
+  PyObject* object;
   PyObject* fields;
-  if (!PyArg_ParseTuple(args, "y*O!", &block, &PyTuple_Type, &fields)) return nullptr;
+  if (!PyArg_ParseTuple(args, "OO!", &object, &PyTuple_Type, &fields)) return nullptr;
+  Py_buffer block;
+  if (PyObject_GetBuffer(object, &block, PyBUF_SIMPLE) < 0) return nullptr;
+  // The buffer export keeps a bytearray from being resized meanwhile.
+  bool padded = has_padding(object);
   std::vector<Column> columns;
   if (!make_columns(fields, columns)) {
     PyBuffer_Release(&block);
@@ -313,7 +375,7 @@ PyObject* read_block(PyObject*, PyObject* args) {
   int64_t rows;
   Py_BEGIN_ALLOW_THREADS
   rows = parse_block(static_cast<const char*>(block.buf), static_cast<size_t>(block.len),
-                     columns);
+                     padded, columns);
   Py_END_ALLOW_THREADS
   PyBuffer_Release(&block);
   if (rows < 0) Py_RETURN_NONE;
@@ -421,6 +483,8 @@ struct HeadStartState {
       std::string text = std::move(rest);
       rest.clear();
       size_t carried = text.size();
+      // The padding lets simdjson parse the block where it is.
+      text.reserve(carried + block_size + simdjson::SIMDJSON_PADDING);
       text.resize(carried + block_size);
       got = fill(fd, &text[carried], block_size);
       if (got < 0) return;
@@ -445,7 +509,8 @@ struct HeadStartState {
     Piece piece;
     piece.size = text.size();
     piece.columns = columns;
-    piece.rows = parse_block(text.data(), text.size(), piece.columns);
+    bool padded = text.capacity() - text.size() >= simdjson::SIMDJSON_PADDING;
+    piece.rows = parse_block(text.data(), text.size(), padded, piece.columns);
     if (piece.rows < 0) {
       piece.columns.clear();
       piece.text = std::move(text);

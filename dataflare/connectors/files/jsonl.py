@@ -1352,6 +1352,10 @@ def _file_size(path: Path) -> int:
         return 0
 
 
+_SPARE_BYTES = 64
+"""Bytes simdjson may read after a text it parses (its SIMDJSON_PADDING)."""
+
+
 class _BlockReader:
     """Read blocks of complete lines from a file's position on.
 
@@ -1374,9 +1378,14 @@ class _BlockReader:
         """
         while True:
             kept = len(self.tail)
-            block = bytearray(kept + self._size)
+            # The spare bytes at the end let the native reader parse the
+            # block where it is, without a copy. They stay allocated when
+            # the block is cut at its last newline: a bytearray keeps its
+            # memory when it shrinks by less than half (CPython's
+            # PyByteArray_Resize), and the reader checks that it did.
+            block = bytearray(kept + self._size + _SPARE_BYTES)
             block[:kept] = self.tail
-            with memoryview(block) as whole, whole[kept:] as free:
+            with memoryview(block) as whole, whole[kept : kept + self._size] as free:
                 count = self._file.readinto(free)
             if not count:
                 break
