@@ -831,15 +831,14 @@ def _one_core_gap(
         "**W1 and W4 on two cores against one.** The start-up (imports, "
         f"validation: {serial:.2f} s over 1,000 lines) runs on one core "
         "however many there are, so it bounds the ratio. On two cores a "
-        "head start parses the input's first blocks meanwhile, up to 12 MiB "
+        "head start parses the input's first blocks meanwhile, up to 20 MiB "
         "of columns, so part of the parse leaves the critical path. "
         + " ".join(parts)
         + " The rest of the run spreads over both cores (the parse threads "
         "and the file reader run without the GIL beside the thread that runs "
         "the chained steps), but not perfectly. Reaching 1.6× needs a "
-        "shorter start-up, a longer head start (which costs memory: 24 MiB "
-        "of columns raised W2's peak by about 20 MB), or a closer to perfect "
-        "split.\n"
+        "shorter start-up, a longer head start (which holds its columns in "
+        "memory until the source takes them), or a closer to perfect split.\n"
     )
 
 

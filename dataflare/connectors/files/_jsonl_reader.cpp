@@ -394,12 +394,20 @@ struct Piece {
   std::string text;
 };
 
-size_t stored_bytes(const std::vector<Column>& columns) {
+// Bytes that `columns` hold, after giving back the room that their
+// vectors keep to grow into.
+size_t shrink_and_count(std::vector<Column>& columns) {
   size_t total = 0;
-  for (const Column& c : columns) {
-    total += c.valid.size() + c.ints.size() * sizeof(int64_t) +
-             c.floats.size() * sizeof(double) + c.bits.size() +
-             c.offsets.size() * sizeof(int32_t) + c.text.size();
+  for (Column& c : columns) {
+    c.valid.shrink_to_fit();
+    c.ints.shrink_to_fit();
+    c.floats.shrink_to_fit();
+    c.bits.shrink_to_fit();
+    c.offsets.shrink_to_fit();
+    c.text.shrink_to_fit();
+    total += c.valid.capacity() + c.ints.capacity() * sizeof(int64_t) +
+             c.floats.capacity() * sizeof(double) + c.bits.capacity() +
+             c.offsets.capacity() * sizeof(int32_t) + c.text.capacity();
   }
   return total;
 }
@@ -514,9 +522,10 @@ struct HeadStartState {
     if (piece.rows < 0) {
       piece.columns.clear();
       piece.text = std::move(text);
-      stored += piece.text.size();
+      piece.text.shrink_to_fit();
+      stored += piece.text.capacity();
     } else {
-      stored += stored_bytes(piece.columns);
+      stored += shrink_and_count(piece.columns);
     }
     pieces.push_back(std::move(piece));
   }

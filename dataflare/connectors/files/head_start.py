@@ -45,16 +45,17 @@ except ImportError:  # built without simdjson
 
 _LOG = logging.getLogger(__name__)
 
-LIMIT = 12 << 20
-"""Bytes of parsed columns a head start keeps at most.
+LIMIT = 20 << 20
+"""Bytes of parsed columns a head start keeps at most, counted as the
+memory their vectors hold.
 
-Loading takes 0.3-0.5 s on the 2-core machines of the benchmarks, in which
-the native reader parses 100-150 MB of JSON lines, about 24 MB of columns
-for the records of `bench/pipelines/w1-stateless.yaml`. Keeping them all
-raised the peak memory of `bench/pipelines/w2-windowed.yaml` by about
-20 MB. Half of that still gave most of the gain: W1 on 2 cores took 1.69 s
-against 1.87 s without a head start and without the command's malloc
-arena limit, in medians of 12 interleaved runs.
+Loading takes 0.3-0.5 s on the 2-core machines of the benchmarks. On the
+faster of them, the native reader parses about 20 MB of columns of
+`bench/pipelines/w1-stateless.yaml` in that time. Against a limit of
+12 MiB, 20 MiB took W1 on 2 cores from 0.92 s to 0.89 s, and
+`bench/pipelines/w2-windowed.yaml` from 1.74 s to 1.65 s; the peak memory
+rose from 138 to 141 MB and from 140 to 146 MB (medians of 10 and 8
+interleaved runs over 2,000,000 records).
 """
 
 MAX_FILES = 4
