@@ -1156,6 +1156,41 @@ def test_timestamps_after_year_9999_keep_their_date() -> None:
     assert large == small * 100
 
 
+@pytest.mark.parametrize("text", ["plain", 'a},{"b', "}{,", "\u2028},{\n"])
+def test_orjson_encoder_one_line_per_record(text: str) -> None:
+    rows = 100  # enough for one orjson call over all rows
+    names = [text, None, "other"] * 34
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "name": names[:rows],
+            "count": list(range(rows)),
+            "ratio": [i / 4 for i in range(rows)],
+            "ok": [i % 2 == 0 for i in range(rows)],
+            "at": pa.array(
+                [i * 1_000_000 for i in range(rows)], pa.timestamp("us", tz="UTC")
+            ),
+        }
+    )
+
+    lines = jsonl_module._encode_small(batch).split(b"\n")
+
+    assert lines[-1] == b""
+    expected = [
+        {**row, "at": row["at"].strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+        for row in batch.to_pylist()
+    ]
+    assert [json.loads(line) for line in lines[:-1]] == expected
+
+
+def test_orjson_encoder_name_with_separator() -> None:
+    batch = pa.RecordBatch.from_pydict({"a},{b": list(range(100))})
+
+    encoded = jsonl_module._encode_small(batch)
+
+    assert encoded == b"".join(b'{"a},{b":%d}\n' % i for i in range(100))
+    assert jsonl_module._encode_small(batch.slice(0, 0)) == b""
+
+
 def random_text_batch(rows: int, seed: int, *, escapes: bool) -> pa.RecordBatch:
     import random
 

@@ -51,11 +51,11 @@ memory their vectors hold.
 
 Loading takes 0.3-0.5 s on the 2-core machines of the benchmarks. On the
 faster of them, the native reader parses about 20 MB of columns of
-`bench/pipelines/w1-stateless.yaml` in that time. Against a limit of
-12 MiB, 20 MiB took W1 on 2 cores from 0.92 s to 0.89 s, and
-`bench/pipelines/w2-windowed.yaml` from 1.74 s to 1.65 s; the peak memory
-rose from 138 to 141 MB and from 140 to 146 MB (medians of 10 and 8
-interleaved runs over 2,000,000 records).
+`bench/pipelines/w1-stateless.yaml` in that time. Measured over 2,000,000
+records against a limit of 12 MiB, 20 MiB took W1 on 2 cores from 0.92 s
+to 0.89 s, and `bench/pipelines/w2-windowed.yaml` from 1.74 s to 1.65 s
+(medians of 10 and 8 interleaved runs). Their peak memory rose from 138
+to 141 MB and from 140 to 146 MB.
 """
 
 MAX_FILES = 4
