@@ -595,7 +595,11 @@ def _targets(
         if one_core:
             scale = got["rate"] / one_core["rate"]
             p2 = throughput(runs[workload].get("dataflare-p2", []))
-            extra = f"; parallelism 2: {_fmt_rate(p2['rate'])}" if p2 else ""
+            extra = (
+                f"; with parallelism 2 on two cores: {_fmt_rate(p2['rate'])}"
+                if p2
+                else ""
+            )
             row(
                 f"{workload} ≥ 1.6× one core",
                 # Three decimals, so that a ratio just under 1.6 does not
@@ -798,7 +802,7 @@ def _throughput_gap(
         "on one more thread, and on two cores every thread is busy. What "
         "is left is CPU time, most of it simdjson's parse of every field of "
         "a line although W1 keeps 5 of its 21, and the start-up imports "
-        "(below) come before any of it. simdjson's on-demand API, which "
+        "(see Start-up) come before any of it. simdjson's on-demand API, which "
         "skips the fields it is not asked for, was no faster on this input: "
         "in a one-thread C++ test over its first 200,000 lines it read "
         "1.89 M lines/s against 2.0 M/s for the DOM parse that the reader "

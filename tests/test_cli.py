@@ -128,7 +128,7 @@ def test_run_writes_output_and_summary(pipeline: Path, tmp_path: Path) -> None:
     assert summary["records_read"] == 5
     assert summary["rejected"] == 1
     assert summary["status"] == "completed"
-    assert "1 rejected records" in err
+    assert "1 rejected record in" in err
     dead = json.loads((tmp_path / "dead.jsonl").read_text())
     assert dead["record"] == {"name": "dee", "age": "notanumber"}
     assert "people.csv record 4 (line 5)" in dead["position"]

@@ -145,7 +145,8 @@ def print_summary(summary: RunSummary) -> None:
         lines.append(f"output {step_id} ({delivery}): {shown}")
     if summary.rejected:
         lines.append(
-            f"[yellow]{summary.rejected:,} rejected records in "
+            f"[yellow]{summary.rejected:,} rejected "
+            f"{'record' if summary.rejected == 1 else 'records'} in "
             f"{summary.dead_letter_path}[/yellow]"
         )
     if summary.error:

@@ -140,7 +140,7 @@ def missing_input_error(pattern: str, follow: bool) -> ValueError:
     if follow:
         hint = "set `schema` so that the source can start before the first file appears"
     else:
-        hint = "check the path, or use follow: true to wait for files"
+        hint = "check the path, or set `schema` and `follow: true` to wait for files"
     return ValueError(f"no input files match path {pattern!r}; {hint}")
 
 
