@@ -139,6 +139,10 @@ def _ratio(a: float | None, b: float | None) -> str:
 # --- the page ---------------------------------------------------------------------
 
 
+HEAD_START_LIMIT = "20 MiB"
+"""`LIMIT` of `dataflare.connectors.files.head_start`, as the page states it."""
+
+
 def render(results: dict[str, Any], labels: dict[str, str]) -> str:
     """Return BENCHMARKS.md for `results`.
 
@@ -245,11 +249,8 @@ def render(results: dict[str, Any], labels: dict[str, str]) -> str:
     if "W4" in runs:
         add(_file_table(runs["W4"], name, reference="dataflare"))
     else:
-        note = results["notes"].get("W4", "not run")
-        if note.startswith("not run"):
-            add(f"**Not run**{note.removeprefix('not run')}.\n")
-        else:
-            add(f"**Not yet available**: {note}.\n")
+        status, reason = _w4_missing(results)
+        add(f"**{status.capitalize()}**{reason}.\n")
     add(W4_TEXT)
     add("## W5: many pipelines in one process\n")
     add(_w5_table(runs.get("W5", {}), name))
@@ -292,9 +293,8 @@ def _summary(runs: dict[str, Any], results: dict[str, Any], name: Any) -> str:
     ):
         if workload not in runs:
             if workload == "W4":
-                note = results["notes"].get("W4", "not run")
-                shown = "not run" if note.startswith("not run") else "not yet available"
-                lines.append(f"| W4 WASM filter | records/s | {shown} | | | | | |")
+                status, _ = _w4_missing(results)
+                lines.append(f"| W4 WASM filter | records/s | {status} | | | | | |")
             continue
         got = {k: throughput(v) for k, v in runs[workload].items()}
         rate = {k: (v or {}).get("rate") for k, v in got.items()}
@@ -413,6 +413,18 @@ def _file_table(
     return "\n".join(lines) + "\n"
 
 
+def _w4_missing(results: dict[str, Any]) -> tuple[str, str]:
+    """Return why W4 has no runs: `not run` or `not yet available`, and the note.
+
+    The note follows the status: in brackets after `not run`, after a colon
+    otherwise.
+    """
+    note = results["notes"].get("W4", "not run")
+    if note.startswith("not run"):
+        return "not run", note.removeprefix("not run")
+    return "not yet available", f": {note}"
+
+
 def _start_measures(rows: dict[str, list[dict[str, Any]]]) -> str:
     """Compare the default run with each start-up or memory measure turned off."""
     default = throughput(rows.get("dataflare", []))
@@ -461,8 +473,7 @@ def _growth(runs: dict[str, Any], settings: dict[str, Any], name: Any) -> str:
         other = throughput(rows)
         if got is None or other is None:
             continue
-        fewer, more = _by_size(got, other, settings)
-        change = 100 * (more["peak"] - fewer["peak"]) / fewer["peak"]
+        fewer, more, change = _by_size(got, other, settings)
         lines.append(
             f"| {name(key)} | {fewer['peak']:.0f} | {more['peak']:.0f} | {change:+.0f} % |"
         )
@@ -471,14 +482,16 @@ def _growth(runs: dict[str, Any], settings: dict[str, Any], name: Any) -> str:
 
 def _by_size(
     whole: dict[str, Any], second: dict[str, Any], settings: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any], float]:
     """Order W2's figures on the whole input and on its second size by input size.
 
-    The second input is smaller, except with --quick, where it is larger.
+    Also returns the change of the peak from the smaller input to the larger,
+    in %. The second input is smaller, except with --quick, where it is larger.
     """
+    fewer, more = whole, second
     if settings["small_records"] < settings["records"]:
-        return second, whole
-    return whole, second
+        fewer, more = second, whole
+    return fewer, more, 100 * (more["peak"] - fewer["peak"]) / fewer["peak"]
 
 
 def _latency_tables(runs: dict[str, Any], name: Any) -> str:
@@ -638,8 +651,7 @@ def _targets(
         row("W2 peak memory < 200 MB", f"{got['peak']:.0f} MB", got["peak"] < 200)
         small = throughput(runs.get("W2-small", {}).get("dataflare", []))
         if small:
-            fewer, more = _by_size(got, small, settings)
-            change = 100 * (more["peak"] - fewer["peak"]) / fewer["peak"]
+            fewer, more, change = _by_size(got, small, settings)
             counts = sorted((settings["records"], settings["small_records"]))
             row(
                 "W2 memory does not grow with input size",
@@ -859,13 +871,13 @@ def _one_core_gap(
         "**W1 and W4 on two cores against one.** The start-up (imports, "
         f"validation: {serial:.2f} s over 1,000 lines) runs on one core "
         "however many there are, so it bounds the ratio. On two cores a "
-        "head start parses the input's first blocks meanwhile, up to 20 MiB "
-        "of columns, so part of the parse leaves the critical path. "
+        "head start parses the input's first blocks meanwhile, up to "
+        f"{HEAD_START_LIMIT} of columns, so part of the parse leaves the critical path. "
         + " ".join(parts)
         + " The rest of the run spreads over both cores (the parse threads "
         "and the file reader run without the GIL beside the thread that runs "
         "the chained steps), but not perfectly. Reaching 1.6× needs a "
-        "shorter start-up, a longer head start (which holds its columns in "
+        "shorter start-up, a longer head start (which keeps its columns in "
         "memory until the source takes them), or a closer to perfect split.\n"
     )
 
@@ -898,7 +910,7 @@ def _growth_gap(
         "The suite measures no input larger than "
         f"{settings['records']:,} records, so it cannot tell a peak that keeps "
         "growing with the input from one that differs with how a run "
-        "starts. A head start holds up to 20 MiB of columns, and W2's "
+        f"starts. A head start keeps up to {HEAD_START_LIMIT} of columns, and W2's "
         "three fields take about 38 bytes a record, so the input of "
         f"{settings['small_records']:,} records can be parsed whole while the "
         "process loads. A third, larger "

@@ -195,12 +195,13 @@ def test_native_random_blocks_match_arrow() -> None:
 @native_only
 def test_native_random_field_orders_match_arrow() -> None:
     rng = random.Random(5122026)
-    taken = 0
+    native_blocks = 0
     for _ in range(200):
         lines = [random_line(rng, shuffle=True) for _ in range(rng.randint(1, 40))]
-        took, _ = both_ways(b"\n".join(lines) + b"\n")
-        taken += took
-    assert taken > 30
+        native, _ = both_ways(b"\n".join(lines) + b"\n")
+        native_blocks += native
+    # Blocks without a doubtful line must be parsed natively.
+    assert native_blocks > 30
 
 
 @native_only

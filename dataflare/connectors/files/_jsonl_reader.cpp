@@ -140,25 +140,6 @@ bool has_negative_zero(const char* data, size_t size) {
   return false;
 }
 
-// True if `a` and `b` are the same text, compared 8 bytes at a time
-// without a call to memcmp: field names are short.
-inline bool same_text(std::string_view a, std::string_view b) {
-  size_t n = a.size();
-  if (n != b.size()) return false;
-  const char* x = a.data();
-  const char* y = b.data();
-  for (; n >= 8; n -= 8, x += 8, y += 8) {
-    uint64_t u, v;
-    std::memcpy(&u, x, 8);
-    std::memcpy(&v, y, 8);
-    if (u != v) return false;
-  }
-  for (; n > 0; n--) {
-    if (*x++ != *y++) return false;
-  }
-  return true;
-}
-
 // A field name seen at one position of an object, and its column (the
 // column count when the schema lacks it).
 struct NameAt {
@@ -182,7 +163,7 @@ int64_t parse(const char* data, size_t size, size_t batch, std::vector<Column>& 
       return found == by_name.end() ? columns.size() : found->second;
     }
     for (size_t i = 0; i < columns.size(); i++) {
-      if (same_text(key, columns[i].name)) return i;
+      if (key == columns[i].name) return i;
     }
     return columns.size();
   };
@@ -192,7 +173,7 @@ int64_t parse(const char* data, size_t size, size_t batch, std::vector<Column>& 
   auto column_at = [&](size_t position, std::string_view key) -> size_t {
     if (position < last_names.size()) {
       NameAt& last = last_names[position];
-      if (same_text(key, last.name)) return last.column;
+      if (key == last.name) return last.column;
       last.name.assign(key.data(), key.size());
       last.column = index_of(key);
       return last.column;
@@ -350,8 +331,8 @@ PyObject* columns_result(const std::vector<Column>& columns, int64_t rows) {
   return Py_BuildValue("(LN)", static_cast<long long>(rows), result);
 }
 
-// True if the SIMDJSON_PADDING bytes after the text of `object` belong
-// to it: a bytearray that has them to spare.
+// True if `object` is a bytearray with at least SIMDJSON_PADDING bytes
+// allocated after its contents.
 bool has_padding(PyObject* object) {
   if (!PyByteArray_CheckExact(object)) return false;
   auto* array = reinterpret_cast<PyByteArrayObject*>(object);
@@ -394,8 +375,8 @@ struct Piece {
   std::string text;
 };
 
-// Bytes that `columns` hold, after giving back the room that their
-// vectors keep to grow into.
+// Shrink the vectors of `columns` to their contents, and return the bytes
+// they then take.
 size_t shrink_and_count(std::vector<Column>& columns) {
   size_t total = 0;
   for (Column& c : columns) {
@@ -681,9 +662,9 @@ PyMethodDef head_start_methods[] = {
      "or the end of the file is reached), and say what was read:\n"
      "sizes, the bytes of input of each block; skipped, the bytes of a byte\n"
      "order mark before them; rest, the bytes read after the last block (the\n"
-     "start of the next, which continues with block_size more); error, an errno or 0 (EINVAL: not a regular\n"
-     "file); identity, (device, inode, modification time in ns, size) of\n"
-     "the file when it was opened, or None."},
+     "start of the next, which continues with block_size more); error, an\n"
+     "errno or 0 (EINVAL: not a regular file); identity, (device, inode,\n"
+     "modification time in ns, size) of the file when it was opened, or None."},
     {"take", head_start_take, METH_NOARGS,
      "take() -> ((rows, columns) or None, text or None) or None\n\n"
      "After finish(): the next block, as read_block parsed it, or its text\n"

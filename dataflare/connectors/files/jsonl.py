@@ -1581,11 +1581,11 @@ def _encode_small(batch: pa.RecordBatch) -> bytes:
             columns.append(column.to_pylist())
     names = batch.schema.names
     rows = [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
-    if len(rows) >= _ONE_CALL_MIN_ROWS and not _may_hold_separator(batch):
+    if len(rows) >= _ONE_CALL_MIN_ROWS and not _contains_separator(batch):
         # One call for all rows writes a JSON array, `[{...},{...}]`. No
-        # name or value holds `},{`, so every `},{` in it ends a record.
+        # name or value contains `},{`, so every `},{` in it ends a record.
         text = orjson.dumps(rows, option=_JSON_OPTIONS & ~orjson.OPT_APPEND_NEWLINE)
-        return text[1:-1].replace(b"},{", b"}\n{") + b"\n"
+        return text[1:-1].replace(_SEPARATOR, b"}\n{") + b"\n"
     return b"".join(orjson.dumps(row, option=_JSON_OPTIONS) for row in rows)
 
 
@@ -1595,19 +1595,21 @@ For 2,000 rows of five fields that took 1.9 ms against 4.2 ms row by row,
 with the check for `},{` (Intel Xeon, 2 cores)."""
 
 
-def _may_hold_separator(batch: pa.RecordBatch) -> bool:
+_SEPARATOR = b"},{"
+"""The text between two records in a JSON array of objects."""
+
+
+def _contains_separator(batch: pa.RecordBatch) -> bool:
     """Return True if a field name or a text value of `batch` contains `},{`."""
-    if any(_SEPARATOR in name for name in batch.schema.names):
+    separator = _SEPARATOR.decode()
+    if any(separator in name for name in batch.schema.names):
         return True
     texts = [
         column
         for column in batch.columns
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
     ]
-    return any(pc.any(pc.match_substring(c, _SEPARATOR)).as_py() for c in texts)
-
-
-_SEPARATOR = "},{"
+    return any(pc.any(pc.match_substring(c, separator)).as_py() for c in texts)
 
 
 def _timestamps_as_strings(values: pa.Array) -> list[str | None]:
