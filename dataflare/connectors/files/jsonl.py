@@ -1378,11 +1378,10 @@ class _BlockReader:
         """
         while True:
             kept = len(self.tail)
-            # The spare bytes at the end let the native reader parse the
-            # block where it is, without a copy. They stay allocated when
-            # the block is cut at its last newline: a bytearray keeps its
-            # memory when it shrinks by less than half (CPython's
-            # PyByteArray_Resize), and the reader checks that it did.
+            # The spare bytes let the native reader parse the block in place.
+            # Cutting the block at its last newline keeps them allocated,
+            # because a bytearray that shrinks by less than half keeps its
+            # memory (CPython's PyByteArray_Resize). The reader checks this.
             block = bytearray(kept + self._size + _SPARE_BYTES)
             block[:kept] = self.tail
             with memoryview(block) as whole, whole[kept : kept + self._size] as free:
