@@ -5,10 +5,11 @@ Every record is one real flight of 2013 from New York (all 19 fields of
 departure, `time_hour` plus `minute` minutes, as ISO 8601 UTC text
 (`2013-01-01T10:15:00Z`). Missing values are JSON null.
 
-The 336,776 flights are replicated to the requested size (about 2 million
-records by default, six copies). Copy `k` has its ids shifted by `k` times
-the number of flights and its times by `k` times 52 weeks, so weekdays stay
-the same. Its `year`, `month` and `day` move with the times.
+The 336,776 flights are replicated to twice the requested size (2 million
+records by default, so 4 million and twelve copies). Copy `k` has its ids
+shifted by `k` times the number of flights and its times by `k` times 52
+weeks, so weekdays stay the same. Its `year`, `month` and `day` move with
+the times.
 
 The records are written in arrival order, which is event-time order
 disturbed by up to 30 minutes: each record arrives at its event time plus a
@@ -19,8 +20,10 @@ produce exactly the same window table.
 Files written to the output folder (default `bench/.data`, never committed):
 
 - `flights.jsonl`: the full input;
-- `flights-quarter.jsonl`: its first quarter, to show whether memory grows
-  with input size;
+- `flights-double.jsonl`: twice as many records, of which `flights.jsonl`
+  is the first half, to show whether memory grows with input size;
+- `flights-quarter.jsonl`: the first quarter of the full input, the larger
+  of the two sizes of `run.py --quick`;
 - `flights-1k.jsonl`: its first 1,000 records, for start-up time;
 - `flights-quick.jsonl`: its first 200,000 records, for `run.py --quick`;
 - `manifest.json`: record counts and the parameters used.
@@ -149,21 +152,25 @@ def build(out_dir: Path, records: int, source_dir: Path) -> dict[str, object]:
         "seed": SEED,
         "max_disorder_seconds": MAX_DISORDER_SECONDS,
     }
+    sizes = {
+        "flights-double.jsonl": 2 * records,
+        "flights.jsonl": records,
+        "flights-quarter.jsonl": records // 4,
+        "flights-quick.jsonl": min(QUICK_RECORDS, records),
+        "flights-1k.jsonl": min(1000, records),
+    }
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
-        files_there = all((out_dir / f).exists() for f in manifest.get("files", {}))
+        written = manifest.get("files", {})
+        files_there = set(written) == set(sizes) and all(
+            (out_dir / f).exists() for f in written
+        )
         if manifest.get("parameters") == expected and files_there:
             return dict(manifest)
     started = time.perf_counter()
-    frame = replicate(load_flights(source_dir), records)
-    sizes = {
-        "flights.jsonl": frame.height,
-        "flights-quarter.jsonl": frame.height // 4,
-        "flights-quick.jsonl": min(QUICK_RECORDS, frame.height),
-        "flights-1k.jsonl": min(1000, frame.height),
-    }
+    double = replicate(load_flights(source_dir), 2 * records)
     for name, rows in sizes.items():
-        to_json_lines(frame.head(rows), out_dir / name)
+        to_json_lines(double.head(rows), out_dir / name)
     manifest = {
         "parameters": expected,
         "files": sizes,
