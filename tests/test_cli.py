@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+import dataflare.cli.main as cli_main
 from dataflare.cli.logs import ENGINE_LOGGER, HeldEngineErrors
 from dataflare.cli.main import cli
 
@@ -132,6 +134,44 @@ def test_run_writes_output_and_summary(pipeline: Path, tmp_path: Path) -> None:
     dead = json.loads((tmp_path / "dead.jsonl").read_text())
     assert dead["record"] == {"name": "dee", "age": "notanumber"}
     assert "people.csv record 4 (line 5)" in dead["position"]
+
+
+@pytest.fixture
+def collector_off() -> Iterator[None]:
+    """Turn the garbage collector off, as `main` does, and restore it after."""
+    gc.unfreeze()
+    gc.disable()
+    yield
+    gc.unfreeze()
+    gc.enable()
+
+
+def test_run_loads_without_collector(
+    pipeline: Path, collector_off: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enabled_while_loading: list[bool] = []
+    load = cli_main._load_or_exit
+
+    def watched_load(path: Path, params: dict[str, str]) -> object:
+        enabled_while_loading.append(gc.isenabled())
+        return load(path, params)
+
+    monkeypatch.setattr(cli_main, "_load_or_exit", watched_load)
+
+    code, _, _ = invoke("run", str(pipeline))
+
+    assert code == 0
+    assert enabled_while_loading == [False]
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > 0
+
+
+def test_other_commands_turn_collector_on(pipeline: Path, collector_off: None) -> None:
+    code, _, _ = invoke("validate", str(pipeline))
+
+    assert code == 0
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == 0
 
 
 def test_run_fail_fast_exits_1(pipeline: Path) -> None:
