@@ -10,6 +10,7 @@ import pytest
 import wasmtime
 import yaml
 
+import dataflare.plugin.wasm.manifest as manifest_module
 from dataflare.plugin.wasm.manifest import (
     DEFAULT_MEMORY_MAX_PAGES,
     ManifestError,
@@ -268,3 +269,119 @@ def test_config_values_reach_extism_as_text() -> None:
         "l": '[1, "a"]',
         "z": "null",
     }
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "cache"
+    monkeypatch.setenv("DATAFLARE_CACHE_DIR", str(directory))
+    return directory
+
+
+def _no_library(*args: Any) -> Any:
+    raise AssertionError("the check ran again instead of reading the cache")
+
+
+def test_module_facts_read_from_cache(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    imports = (
+        '(import "wasi_snapshot_preview1" "fd_write"'
+        " (func (param i32 i32 i32 i32) (result i32)))"
+    )
+    wasm = wasmtime.wat2wasm(wat_module("(call $keep_all)", imports=imports))
+    first = inspect_module(wasm)
+    monkeypatch.setattr(manifest_module, "_inspect_with_wasmtime", _no_library)
+
+    second = inspect_module(wasm)
+
+    assert second == first
+    assert second.uses_wasi
+    assert len(list(cache_dir.glob("wasm-module-*.json"))) == 1
+
+
+def test_module_changed_is_inspected_again(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inspect_module(wasmtime.wat2wasm(wat_module("(call $keep_all)")))
+    other = wasmtime.wat2wasm(wat_module("(call $keep_all)", data=b"other"))
+    monkeypatch.setattr(manifest_module, "_inspect_with_wasmtime", _no_library)
+
+    with pytest.raises(AssertionError, match="ran again"):
+        inspect_module(other)
+
+
+def test_damaged_module_entry_ignored(cache_dir: Path) -> None:
+    wasm = wasmtime.wat2wasm(wat_module("(call $keep_all)"))
+    first = inspect_module(wasm)
+    (entry,) = cache_dir.glob("wasm-module-*.json")
+    for damaged in ('{"size": 1}', "[1, 2]", "not json", '{"imports": 3}'):
+        entry.write_text(damaged)
+
+        assert inspect_module(wasm) == first
+
+
+def test_module_entry_of_other_size_ignored(cache_dir: Path) -> None:
+    wasm = wasmtime.wat2wasm(wat_module("(call $keep_all)"))
+    first = inspect_module(wasm)
+    (entry,) = cache_dir.glob("wasm-module-*.json")
+    facts = json.loads(entry.read_text())
+    facts["size"] += 1
+    facts["imports"] = []
+    entry.write_text(json.dumps(facts))
+
+    assert inspect_module(wasm) == first
+
+
+def test_plugin_config_pass_read_from_cache(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"keep": {"type": "integer", "default": 4}},
+    }
+    manifest_file(tmp_path, config_schema=schema)
+    manifest = load_manifest(tmp_path).manifest
+    assert check_plugin_config(manifest, {}) == {"keep": 4}
+    monkeypatch.setattr(manifest_module, "_validate_plugin_config", _no_library)
+
+    assert check_plugin_config(manifest, {}) == {"keep": 4}
+    with pytest.raises(AssertionError, match="ran again"):
+        check_plugin_config(manifest, {"keep": 5})
+
+
+def test_failed_plugin_config_never_cached(tmp_path: Path, cache_dir: Path) -> None:
+    schema = {"type": "object", "properties": {"keep": {"type": "integer"}}}
+    manifest_file(tmp_path, config_schema=schema)
+    manifest = load_manifest(tmp_path).manifest
+    for _ in range(2):
+        with pytest.raises(ManifestError, match=r"config\.keep: 'x' is not of type"):
+            check_plugin_config(manifest, {"keep": "x"})
+
+    assert list(cache_dir.glob("plugin-config-*.json")) == []
+
+
+def test_config_schema_check_read_from_cache(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest_file(tmp_path, config_schema={"type": "object"})
+    load_manifest(tmp_path)
+    import jsonschema
+
+    monkeypatch.setattr(jsonschema.validators, "validator_for", _no_library)
+
+    assert load_manifest(tmp_path).manifest.config_schema == {"type": "object"}
+    manifest_file(tmp_path, config_schema={"type": "array"})
+    with pytest.raises(ManifestError, match="ran again"):
+        load_manifest(tmp_path)
+
+
+def test_invalid_config_schema_never_cached(tmp_path: Path, cache_dir: Path) -> None:
+    manifest_file(tmp_path, config_schema={"type": "no-such-type"})
+    for _ in range(2):
+        with pytest.raises(
+            ManifestError, match="config_schema is not a valid JSON Schema"
+        ):
+            load_manifest(tmp_path)
+
+    assert list(cache_dir.glob("json-schema-*.json")) == []

@@ -25,19 +25,22 @@ export or the numbers named.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import jsonschema
-import wasmtime
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dataflare.plugin.interface import RESERVED_COLUMNS
+from dataflare.plugin.wasm import check_cache
 from dataflare.plugin.wasm.encoding import VERSION, WIRE_TYPE_NAMES
+
+if TYPE_CHECKING:
+    import wasmtime
+
+# jsonschema and wasmtime load when a check is not in the cache (`check_cache`).
 
 MANIFEST_NAMES = (
     "dataflare-plugin.yaml",
@@ -237,15 +240,25 @@ class PluginManifest(BaseModel):
         for key in self.partition_by:
             if self.fields and key not in self.fields:
                 raise ValueError(f"partition_by names {key!r}, which is not in fields")
-        try:
-            jsonschema.validators.validator_for(self.config_schema).check_schema(
-                self.config_schema
-            )
-        except jsonschema.SchemaError as exc:
-            raise ValueError(
-                f"config_schema is not a valid JSON Schema: {exc.message}"
-            ) from None
+        _check_config_schema(self.config_schema)
         return self
+
+
+def _check_config_schema(schema: dict[str, Any]) -> None:
+    """Raise ValueError if `schema` is not a valid JSON Schema."""
+    key = check_cache.json_parts(schema)
+    if key is not None and check_cache.passed("json-schema", "jsonschema", *key):
+        return
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(
+            f"config_schema is not a valid JSON Schema: {exc.message}"
+        ) from None
+    if key is not None:
+        check_cache.record_pass("json-schema", "jsonschema", *key)
 
 
 @dataclass(frozen=True)
@@ -354,20 +367,11 @@ class ModuleInfo:
         return any(i.module in WASI_MODULES for i in self.imports)
 
 
-_engine: wasmtime.Engine | None = None
-_engine_lock = threading.Lock()
-
-
-def _wasmtime_engine() -> wasmtime.Engine:
-    global _engine
-    with _engine_lock:
-        if _engine is None:
-            _engine = wasmtime.Engine()
-        return _engine
-
-
 def inspect_module(wasm: bytes, *, origin: str = "the module") -> ModuleInfo:
     """Parse a module and list its imports, exported functions and memory.
+
+    The result for the same bytes is read from the cache when an earlier
+    call stored it (`check_cache`).
 
     Raises:
         ManifestError: the bytes are not a valid WebAssembly module.
@@ -377,14 +381,54 @@ def inspect_module(wasm: bytes, *, origin: str = "the module") -> ModuleInfo:
             f"{origin} is not a WebAssembly module: it does not start with the "
             f"bytes \\0asm (it starts with {wasm[:8]!r}); build it again"
         )
+    stored = _info_from_facts(check_cache.load_module_facts(wasm), len(wasm))
+    if stored is not None:
+        return stored
+    info = _inspect_with_wasmtime(wasm, origin)
+    check_cache.store_module_facts(wasm, asdict(info))
+    return info
+
+
+def _info_from_facts(facts: dict[str, Any] | None, size: int) -> ModuleInfo | None:
+    """Rebuild a `ModuleInfo` from its stored fields; None if they do not fit."""
+    if facts is None or facts.get("size") != size:
+        return None
     try:
-        module = wasmtime.Module(_wasmtime_engine(), wasm)
-    except wasmtime.WasmtimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise ManifestError(
-            f"{origin} is not a valid WebAssembly module ({detail}); it may be "
-            "truncated or corrupt: build it again"
-        ) from None
+        imports = [
+            ImportInfo(str(i["module"]), str(i["name"]), str(i["kind"]))
+            for i in facts["imports"]
+        ]
+        functions = {
+            str(name): ([str(p) for p in params], [str(r) for r in results])
+            for name, (params, results) in facts["functions"].items()
+        }
+        memory_min = int(facts["memory_min_pages"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return ModuleInfo(imports, functions, memory_min, size)
+
+
+def _inspect_with_wasmtime(wasm: bytes, origin: str) -> ModuleInfo:
+    import wasmtime
+
+    # Closed here: freed by the collector at exit, after the modules of
+    # wasmtime were cleared, the engine failed to delete itself.
+    with wasmtime.Engine() as engine:
+        try:
+            module = wasmtime.Module(engine, wasm)
+        except wasmtime.WasmtimeError as exc:
+            detail = " ".join(str(exc).split())
+            raise ManifestError(
+                f"{origin} is not a valid WebAssembly module ({detail}); it may "
+                "be truncated or corrupt: build it again"
+            ) from None
+        with module:
+            return _module_info(module, len(wasm))
+
+
+def _module_info(module: wasmtime.Module, size: int) -> ModuleInfo:
+    import wasmtime
+
     imports = []
     memory_min = 0
     for item in module.imports:
@@ -401,10 +445,12 @@ def inspect_module(wasm: bytes, *, origin: str = "the module") -> ModuleInfo:
             )
         elif isinstance(export.type, wasmtime.MemoryType):
             memory_min = max(memory_min, export.type.limits.min)
-    return ModuleInfo(imports, functions, memory_min, len(wasm))
+    return ModuleInfo(imports, functions, memory_min, size)
 
 
 def _kind(type_: object) -> str:
+    import wasmtime
+
     if isinstance(type_, wasmtime.FuncType):
         return "func"
     if isinstance(type_, wasmtime.MemoryType):
@@ -605,6 +651,24 @@ def check_plugin_config(
         ManifestError: naming the config key and the rule it breaks.
     """
     schema = manifest.config_schema
+    key = check_cache.json_parts(schema, dict(config))
+    if key is None or not check_cache.passed("plugin-config", "jsonschema", *key):
+        _validate_plugin_config(manifest, config)
+        if key is not None:
+            check_cache.record_pass("plugin-config", "jsonschema", *key)
+    filled = dict(config)
+    for key, prop in (schema.get("properties") or {}).items():
+        if key not in filled and isinstance(prop, dict) and "default" in prop:
+            filled[key] = prop["default"]
+    return filled
+
+
+def _validate_plugin_config(
+    manifest: PluginManifest, config: Mapping[str, Any]
+) -> None:
+    import jsonschema
+
+    schema = manifest.config_schema
     validator = jsonschema.validators.validator_for(schema)(schema)
     errors = sorted(validator.iter_errors(dict(config)), key=lambda e: list(e.path))
     if errors:
@@ -616,11 +680,6 @@ def check_plugin_config(
             f"plugin {manifest.name!r})",
             where=where,
         )
-    filled = dict(config)
-    for key, prop in (schema.get("properties") or {}).items():
-        if key not in filled and isinstance(prop, dict) and "default" in prop:
-            filled[key] = prop["default"]
-    return filled
 
 
 def extism_config(config: Mapping[str, Any]) -> dict[str, str]:
