@@ -3,42 +3,26 @@
 Each run of a `wasm` step checks the plugin's `config_schema`, validates the
 step's config against it and lists what the module imports and exports.
 Loading jsonschema and wasmtime-py for that, and compiling the module to
-read its imports, added about 0.1 s to the start-up of
-`bench/pipelines/w4-wasm.yaml` on 2 cores. So a check that passed is
-recorded as an entry of the cache (`dataflare.cache`), and a later run with
-the same inputs and library versions reads the entry instead. A check that
-failed is never recorded, so its error message always comes from the
-library. Entries are trusted as the plan cache's are: whoever can write
-the cache directory can also change the pipeline's plan.
+read its imports, added about 75 ms to the start-up of
+`bench/pipelines/w4-wasm.yaml` over 1,000 lines on 2 cores. So a check that
+passed is recorded as an entry of the cache (`dataflare.cache`), and a later
+run with the same inputs and library versions reads the entry instead. A
+check that failed is never recorded, so its error message always comes from
+the library. Entries are trusted as the plan cache's are: a user who can
+write the cache directory can also change the pipeline's plan.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from functools import cache
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from dataflare.cache import entry_path, read_entry, write_entry
+from dataflare.cache import entry_path, library_version, read_entry, write_entry
 
 _FORMAT = 1
 """Version of the entry layout, part of every key."""
-
-
-@cache
-def library_version(name: str) -> str:
-    """Return the installed distribution of module `name`, from its metadata folder.
-
-    Reads folder names such as `jsonschema-4.23.0.dist-info`, because
-    `importlib.metadata` takes about 50 ms to load. Empty if not found.
-    """
-    spec = find_spec(name)
-    if spec is None or spec.origin is None:
-        return ""
-    site = Path(spec.origin).parent.parent
-    return " ".join(sorted(p.name for p in site.glob(f"{name}-*.dist-info")))
 
 
 def _path(kind: str, library: str, *parts: str | bytes) -> Path | None:
