@@ -19,6 +19,7 @@ import pytest
 from conftest import RecordingContext
 
 from dataflare import api
+from dataflare.connectors.files import writeback
 from dataflare.connectors.files.csv import CsvSink, CsvSinkConfig
 from dataflare.connectors.files.parquet import ParquetSink, ParquetSinkConfig
 from dataflare.streaming.errors import PipelineRunError, PipelineValidationError
@@ -379,3 +380,63 @@ def test_roll_timer_error_fails_next_write(tmp_path: Path) -> None:
         sink.write(batch(2, 2))
     sink.close()
     assert (directory / "part-00000.csv").read_text() == "written by someone else\n"
+
+
+class _RecordedCalls:
+    """Wraps the C library's sync_file_range and records each call."""
+
+    def __init__(self, real: Any, result: int | None = None) -> None:
+        self.real = real
+        self.result = result
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, fd: int, offset: int, length: int, flags: int) -> int:
+        self.calls.append((offset, length))
+        if self.result is not None:
+            return self.result
+        return int(self.real(fd, offset, length, flags))
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> _RecordedCalls:
+    real = writeback._sync_file_range()
+    if real is None:
+        pytest.skip("sync_file_range exists on Linux only")
+    calls = _RecordedCalls(real)
+    monkeypatch.setattr(writeback, "_sync_file_range", lambda: calls)
+    monkeypatch.setattr(writeback, "STEP_BYTES", 64 << 10)
+    return calls
+
+
+def test_writeback_starts_in_steps(tmp_path: Path, recorded: _RecordedCalls) -> None:
+    path = tmp_path / "result.csv"
+    sink = csv_sink(path)
+    batches = [batch(i * 2000, 2000) for i in range(20)]
+    for item in batches:
+        sink.write(item)
+    sink.flush()
+    sink.close()
+
+    size = path.stat().st_size
+    assert pd.read_csv(path).equals(expected_frame(*batches))
+    assert len(recorded.calls) >= size // (128 << 10)
+    ends = [offset + length for offset, length in recorded.calls]
+    assert [offset for offset, _ in recorded.calls] == [0, *ends[:-1]]
+    assert all(length >= 64 << 10 for _, length in recorded.calls)
+    assert ends[-1] <= size
+
+
+def test_writeback_failure_stops_calls(
+    tmp_path: Path, recorded: _RecordedCalls
+) -> None:
+    recorded.result = -1
+    path = tmp_path / "result.csv"
+    sink = csv_sink(path)
+    batches = [batch(i * 2000, 2000) for i in range(20)]
+    for item in batches:
+        sink.write(item)
+    sink.flush()
+    sink.close()
+
+    assert len(recorded.calls) == 1
+    assert pd.read_csv(path).equals(expected_frame(*batches))

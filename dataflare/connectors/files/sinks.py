@@ -36,6 +36,7 @@ from typing import Any, Generic, TypeVar
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from dataflare.connectors.files.writeback import Writeback
 from dataflare.plugin.interface import Sink, SinkConfig, SinkInfo
 from dataflare.state.checkpoint import FINAL_CHECKPOINT
 from dataflare.state.faults import crash_point
@@ -145,6 +146,7 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
         self._staged: list[tuple[int, list[str]]] = []  # (checkpoint, file names)
         self._started = False
         self._writer: Any = None
+        self._writeback: Writeback | None = None
         self._current: Path | None = None
         self._opened_at = 0.0
         self._part = 0
@@ -221,6 +223,8 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
         if self._writer is None:
             self._start_file(self._schema)
         self._write_batch(self._writer, batch)
+        if self._writeback is not None:
+            self._writeback.advance()
         if self._should_roll():
             self._finish_file()
 
@@ -269,7 +273,7 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
             self._age_timer = None
         if self._writer is not None and self._current is not None:
             # Closed without flush: the run failed, so leave no partial file.
-            self._writer.close()
+            self._close_writer()
             _in_progress(self._current).unlink(missing_ok=True)
             self._writer = None
             self._current = None
@@ -289,7 +293,7 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
                 self._schema
             )  # a valid empty output, as without checkpoints
         if self._writer is not None and self._current is not None:
-            self._writer.close()
+            self._close_writer()
             temporary = _in_progress(self._current)
             _sync(temporary)
             os.replace(temporary, _pending(self._current))
@@ -358,7 +362,14 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
             final = Path(self.config.path)
         self._current = final
         self._writer = self._open_writer(_in_progress(final), schema)
+        self._writeback = Writeback(_in_progress(final))
         self._opened_at = time.monotonic()
+
+    def _close_writer(self) -> None:
+        self._writer.close()
+        if self._writeback is not None:
+            self._writeback.close()
+            self._writeback = None
 
     def _too_old(self) -> bool:
         interval = self.config.roll_interval
@@ -408,7 +419,7 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
     def _finish_file(self) -> None:
         if self._writer is None or self._current is None:
             return
-        self._writer.close()
+        self._close_writer()
         temporary = _in_progress(self._current)
         _sync(temporary)
         if self.config.overwrite:
