@@ -7,6 +7,7 @@ can look up an entry before Arrow and pydantic load.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -14,6 +15,7 @@ import tempfile
 from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 _LOG = logging.getLogger(__name__)
 
@@ -79,6 +81,20 @@ def read_entry(path: Path) -> bytes | None:
             return file.read(MAX_ENTRY_BYTES + 1)
         except OSError:
             return None
+
+
+def read_json_entry(path: Path | None) -> dict[str, Any] | None:
+    """Return the JSON object of the entry at `path`; None if missing or damaged."""
+    if path is None:
+        return None
+    data = read_entry(path)
+    if data is None:
+        return None
+    try:
+        entry = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 def write_entry(path: Path, data: bytes) -> None:

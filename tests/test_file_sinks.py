@@ -408,14 +408,20 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> _RecordedCalls:
     return calls
 
 
-def test_writeback_starts_in_steps(tmp_path: Path, recorded: _RecordedCalls) -> None:
-    path = tmp_path / "result.csv"
+def _write_batches(path: Path) -> list[pa.RecordBatch]:
+    """Write 20 batches of 2,000 rows through a CSV sink; return them."""
     sink = csv_sink(path)
     batches = [batch(i * 2000, 2000) for i in range(20)]
     for item in batches:
         sink.write(item)
     sink.flush()
     sink.close()
+    return batches
+
+
+def test_writeback_starts_in_steps(tmp_path: Path, recorded: _RecordedCalls) -> None:
+    path = tmp_path / "result.csv"
+    batches = _write_batches(path)
 
     size = path.stat().st_size
     assert pd.read_csv(path).equals(expected_frame(*batches))
@@ -431,12 +437,7 @@ def test_writeback_failure_stops_calls(
 ) -> None:
     recorded.result = -1
     path = tmp_path / "result.csv"
-    sink = csv_sink(path)
-    batches = [batch(i * 2000, 2000) for i in range(20)]
-    for item in batches:
-        sink.write(item)
-    sink.flush()
-    sink.close()
+    batches = _write_batches(path)
 
     assert len(recorded.calls) == 1
     assert pd.read_csv(path).equals(expected_frame(*batches))

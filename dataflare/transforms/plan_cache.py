@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 import dataflare
-from dataflare.cache import entry_path, read_entry, write_entry
+from dataflare.cache import entry_path, read_json_entry, write_entry
 
 _FORMAT = 1
 """Version of the entry layout, part of every key."""
@@ -57,17 +57,8 @@ def _path(kind: str, text: str, schema: pa.Schema) -> Path | None:
 
 def load(kind: str, text: str, schema: pa.Schema) -> dict[str, Any] | None:
     """Return the entry of a `kind` step with `text` over `schema`, if any."""
-    path = _path(kind, text, schema)
-    if path is None:
-        return None
-    data = read_entry(path)
-    if data is None:
-        return None
-    try:
-        entry = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(entry, dict) or entry.get("text") != text:
+    entry = read_json_entry(_path(kind, text, schema))
+    if entry is None or entry.get("text") != text:
         return None
     return entry
 

@@ -19,7 +19,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dataflare.cache import entry_path, library_version, read_entry, write_entry
+from dataflare.cache import (
+    entry_path,
+    library_version,
+    read_entry,
+    read_json_entry,
+    write_entry,
+)
 
 _FORMAT = 1
 """Version of the entry layout, part of every key."""
@@ -57,17 +63,7 @@ def module_digest(wasm: bytes) -> str:
 
 def load_module_facts(wasm: bytes) -> dict[str, Any] | None:
     """Return the facts stored for a module by `store_module_facts`, if any."""
-    path = _path("wasm-module", "wasmtime", module_digest(wasm))
-    if path is None:
-        return None
-    data = read_entry(path)
-    if data is None:
-        return None
-    try:
-        facts = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    return facts if isinstance(facts, dict) else None
+    return read_json_entry(_path("wasm-module", "wasmtime", module_digest(wasm)))
 
 
 def store_module_facts(wasm: bytes, facts: dict[str, Any]) -> None:
