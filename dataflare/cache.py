@@ -67,20 +67,22 @@ def read_entry(path: Path) -> bytes | None:
     """Return the bytes of the entry at `path`, or None if there is none.
 
     Only a regular file of at most `MAX_ENTRY_BYTES` is read: a named pipe
-    put there must not block the command.
+    put there must not block the command, and a directory is no entry.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as file:
+    try:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode) or status.st_size > MAX_ENTRY_BYTES:
             return None
-        try:
+        with os.fdopen(fd, "rb", closefd=False) as file:
             return file.read(MAX_ENTRY_BYTES + 1)
-        except OSError:
-            return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def read_json_entry(path: Path | None) -> dict[str, Any] | None:

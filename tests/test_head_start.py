@@ -429,6 +429,14 @@ def test_named_pipe_entry_not_read(tmp_path: Path) -> None:
     assert got == [None]
 
 
+def test_directory_entry_not_read(tmp_path: Path) -> None:
+    directory = tmp_path / "entry.json"
+    directory.mkdir()
+
+    assert cache.read_entry(directory) is None
+    assert cache.read_json_entry(directory) is None
+
+
 def test_head_start_no_source_took_is_dropped(
     tmp_path: Path, recording: list[head_start.ClaimedBlocks | None]
 ) -> None:

@@ -385,3 +385,21 @@ def test_invalid_config_schema_never_cached(tmp_path: Path, cache_dir: Path) -> 
             load_manifest(tmp_path)
 
     assert list(cache_dir.glob("json-schema-*.json")) == []
+
+
+def test_directory_entries_ignored(tmp_path: Path, cache_dir: Path) -> None:
+    schema = {"type": "object", "properties": {"keep": {"type": "integer"}}}
+    manifest_file(tmp_path, config_schema=schema)
+    manifest = load_manifest(tmp_path).manifest
+    check_plugin_config(manifest, {"keep": 1})
+    wasm = wasmtime.wat2wasm(wat_module("(call $keep_all)"))
+    first = inspect_module(wasm)
+    for entry in cache_dir.iterdir():
+        entry.unlink()
+        entry.mkdir()
+
+    assert load_manifest(tmp_path).manifest == manifest
+    assert check_plugin_config(manifest, {"keep": 1}) == {"keep": 1}
+    with pytest.raises(ManifestError, match=r"config\.keep: 'x' is not of type"):
+        check_plugin_config(manifest, {"keep": "x"})
+    assert inspect_module(wasm) == first
