@@ -273,3 +273,24 @@ def test_pipeline_validation_reports_plugin_problems(
     with pytest.raises(PipelineValidationError) as info:
         p.build()
     assert "field 'dep_delay' has type uint64" in str(info.value)
+
+
+def test_config_error_names_its_key_once(
+    examples: dict[str, Path], flights: pa.Table
+) -> None:
+    p = api.Pipeline("bad").use_registry(registry())
+    source = p.source("rows", "memory", records=flights)
+    step = p.transform(
+        "delayed",
+        "wasm",
+        [source],
+        plugin=str(examples["delay_filter"]),
+        config={"min_delay": "abc"},
+    )
+    p.destination("out", "memory", [step])
+    with pytest.raises(PipelineValidationError) as info:
+        p.build()
+
+    (issue,) = info.value.issues
+    assert issue.dotted_path.endswith("config.config.min_delay")
+    assert issue.message.startswith("'abc' is not of type 'number'")

@@ -690,10 +690,13 @@ def _check_fields(steps: dict[str, StepPlan], issues: list[ValidationIssue]) -> 
             schemas[InputRef(step.id)] = None
         except ConfigError as exc:
             where = exc.where.split(".") if exc.where else []
+            # The path is shown before the message, so a message that starts
+            # with the key (a plugin's config error) would name it twice.
+            message = str(exc).removeprefix(f"{exc.where}: ") if exc.where else str(exc)
             issues.append(
                 ValidationIssue(
                     _config_path(step, where),
-                    str(exc),
+                    message,
                     value=_config_value(step, where) if where else None,
                 )
             )
