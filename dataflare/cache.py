@@ -49,7 +49,7 @@ def entry_path(kind: str, *parts: bytes | str) -> Path | None:
 def library_version(name: str) -> str:
     """Return the installed distribution of module `name`, from its metadata folder.
 
-    Reads folder names such as `jsonschema-4.23.0.dist-info`, because
+    Reads folder names such as `jsonschema-4.26.0.dist-info`, because
     `importlib.metadata` takes about 50 ms to load. Empty if not found.
     """
     spec = find_spec(name)
@@ -67,7 +67,7 @@ def read_entry(path: Path) -> bytes | None:
     """Return the bytes of the entry at `path`, or None if there is none.
 
     Only a regular file of at most `MAX_ENTRY_BYTES` is read: a named pipe
-    put there must not block the command, and a directory is no entry.
+    put there must not block the command, and a directory is skipped.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -86,7 +86,7 @@ def read_entry(path: Path) -> bytes | None:
 
 
 def read_json_entry(path: Path | None) -> dict[str, Any] | None:
-    """Return the JSON object of the entry at `path`; None if missing or damaged."""
+    """Return the JSON object of the entry at `path`, or None if missing or damaged."""
     if path is None:
         return None
     data = read_entry(path)

@@ -51,10 +51,10 @@ class Writeback:
     """
 
     def __init__(self, path: Path) -> None:
-        self._call = _sync_file_range()
+        self._sync = _sync_file_range()
         self._fd = -1
         self._started = 0
-        if self._call is None:
+        if self._sync is None:
             return
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -63,12 +63,12 @@ class Writeback:
 
     def advance(self) -> None:
         """Start writing the bytes added since the last start, if enough were."""
-        if self._fd < 0 or self._call is None:
+        if self._fd < 0 or self._sync is None:
             return
         size = os.fstat(self._fd).st_size
         if size - self._started < STEP_BYTES:
             return
-        if self._call(
+        if self._sync(
             self._fd, self._started, size - self._started, _SYNC_FILE_RANGE_WRITE
         ):
             # A file system or file type without it: stop trying for this file.
@@ -78,6 +78,7 @@ class Writeback:
         self._started = size
 
     def close(self) -> None:
+        """Close the read-only descriptor of the file."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

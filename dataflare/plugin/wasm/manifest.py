@@ -390,7 +390,7 @@ def inspect_module(wasm: bytes, *, origin: str = "the module") -> ModuleInfo:
 
 
 def _info_from_facts(facts: dict[str, Any] | None, size: int) -> ModuleInfo | None:
-    """Rebuild a `ModuleInfo` from its stored fields; None if they do not fit."""
+    """Rebuild a `ModuleInfo` from stored fields, or return None if they do not fit."""
     if facts is None or facts.get("size") != size:
         return None
     try:
@@ -411,8 +411,8 @@ def _info_from_facts(facts: dict[str, Any] | None, size: int) -> ModuleInfo | No
 def _inspect_with_wasmtime(wasm: bytes, origin: str) -> ModuleInfo:
     import wasmtime
 
-    # Closed here: freed by the collector at exit, after the modules of
-    # wasmtime were cleared, the engine failed to delete itself.
+    # Closed here, because an engine left to the collector at exit failed to
+    # delete itself once wasmtime's modules were cleared.
     with wasmtime.Engine() as engine:
         try:
             module = wasmtime.Module(engine, wasm)
