@@ -452,7 +452,7 @@ def test_head_start_no_source_took_is_dropped(
     assert got.num_rows == 2000
 
 
-# --- malloc arenas ---------------------------------------------------------------
+# --- malloc settings ------------------------------------------------------------
 
 
 class FakeLibc:
@@ -464,16 +464,26 @@ class FakeLibc:
         return 1
 
 
-def test_arenas_are_limited_unless_the_user_chose(
+def test_malloc_is_tuned_unless_the_user_chose(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     libc = FakeLibc()
     monkeypatch.setattr(cli_main.ctypes, "CDLL", lambda name: libc)
     monkeypatch.setattr(cli_main.sys, "platform", "linux")
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    for parameter in cli_main._MALLOPT:
+        monkeypatch.delenv(parameter[1], raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.rtld.optional_static_tls=1024")
 
-    cli_main._limit_malloc_arenas()
+    cli_main._tune_malloc()
+    assert libc.calls == [(-8, 2), (-3, 32 << 20), (-1, 256 << 20)]
+
+    libc.calls.clear()
     monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
-    cli_main._limit_malloc_arenas()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    cli_main._tune_malloc()
+    assert libc.calls == [(-3, 32 << 20)]
 
-    assert libc.calls == [(-8, 2)]
+    libc.calls.clear()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")
+    cli_main._tune_malloc()
+    assert libc.calls == []
