@@ -1067,6 +1067,8 @@ METHOD = """\
   `taskset -c 0`).
 - Records/s is the number of input records divided by the whole-process
   wall time.
+- Before each run, the output file of the system's previous run is
+  deleted, so that no run pays for replacing it.
 - Every system reads the same JSON lines and must write the same records
   (`bench/common.py`). After the first run of each system, its whole
   output is compared with an independent Polars computation over the input
