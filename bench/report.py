@@ -434,7 +434,7 @@ def _start_measures(rows: dict[str, list[dict[str, Any]]]) -> str:
     parts = []
     for key, label in (
         ("dataflare-no-head-start", "Without the head start"),
-        ("dataflare-default-arenas", "With glibc's default malloc arenas"),
+        ("dataflare-glibc-malloc", "With glibc's own malloc thresholds"),
     ):
         got = throughput(rows.get(key, []))
         if got is None:
@@ -451,10 +451,10 @@ def _start_measures(rows: dict[str, list[dict[str, Any]]]) -> str:
         f"{default['peak']:.0f} MB (medians).",
     )
     return (
-        'The rows "head start off" and "glibc\'s default malloc arenas" run '
-        "the same command with `DATAFLARE_HEAD_START=0`, or with "
-        "`MALLOC_ARENA_MAX` set to glibc's own limit (8 per online CPU), which "
-        "turns off the cap of two that `dataflare run` sets. " + " ".join(parts) + "\n"
+        'The rows "head start off" and "glibc\'s malloc thresholds" run the '
+        "same command with `DATAFLARE_HEAD_START=0`, or with a malloc tunable "
+        "in `GLIBC_TUNABLES` (glibc's own number of arenas), under which "
+        "`dataflare run` leaves malloc's thresholds to glibc. " + " ".join(parts) + "\n"
     )
 
 

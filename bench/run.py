@@ -51,10 +51,10 @@ DATAFLARE = ROOT / ".venv" / "bin" / "dataflare"
 PYTHON = Path(sys.executable)
 TWO_CORES = (0, 1)
 ONE_CORE = (0,)
-GLIBC_ARENAS = 8 * (os.cpu_count() or 1)
-"""glibc's own limit on malloc arenas on 64-bit machines, 8 per online CPU
-(`NARENAS_FROM_NCORES` in glibc's malloc/arena.c). Set as
-`MALLOC_ARENA_MAX`, it turns off the cap that `dataflare run` sets."""
+GLIBC_MALLOC = {"GLIBC_TUNABLES": f"glibc.malloc.arena_max={8 * (os.cpu_count() or 1)}"}
+"""Environment under which `dataflare run` leaves glibc's malloc as it is: a
+malloc tunable set to its default, 8 arenas per online CPU on 64-bit machines
+(`NARENAS_FROM_NCORES` in glibc's malloc/arena.c)."""
 ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "startup")
 PEERS = ("bytewax", "pathway", "baseline")
 PEER_PROGRAMS = {
@@ -70,7 +70,7 @@ LABELS = {
     "dataflare-rate": "DataFlare (scheduled source)",
     "dataflare-cold": "DataFlare, plan cache off",
     "dataflare-no-head-start": "DataFlare, head start off",
-    "dataflare-default-arenas": "DataFlare, glibc's default malloc arenas",
+    "dataflare-glibc-malloc": "DataFlare, glibc's malloc thresholds",
     "bytewax": "Bytewax",
     "pathway": "Pathway",
     "baseline": "Plain Python (orjson loop)",
@@ -252,10 +252,10 @@ def file_workload(
             TWO_CORES,
             {"DATAFLARE_HEAD_START": "0"},
         )
-        variants["dataflare-default-arenas"] = (
-            dataflare_file(pipeline, input=source, output=target("default-arenas")),
+        variants["dataflare-glibc-malloc"] = (
+            dataflare_file(pipeline, input=source, output=target("glibc-malloc")),
             TWO_CORES,
-            {"MALLOC_ARENA_MAX": str(GLIBC_ARENAS)},
+            GLIBC_MALLOC,
         )
     if workload in ("W1", "W4"):
         variants["dataflare-1core"] = (

@@ -347,41 +347,35 @@ def main() -> None:
 
 _MALLOPT = (
     # (mallopt parameter from malloc.h, its environment variable, value)
-    (-8, "MALLOC_ARENA_MAX", 2),  # M_ARENA_MAX
     (-3, "MALLOC_MMAP_THRESHOLD_", 32 << 20),  # M_MMAP_THRESHOLD
     (-1, "MALLOC_TRIM_THRESHOLD_", 256 << 20),  # M_TRIM_THRESHOLD
 )
 
 
 def _tune_malloc() -> None:
-    """Set glibc's malloc for the blocks of the file sources, unless the user did.
+    """Keep the memory of freed source blocks in glibc's malloc, unless the user chose.
 
-    A setting is left alone where its environment variable is set, and all
-    are where `GLIBC_TUNABLES` names a malloc tunable.
+    Blocks of up to 32 MiB come from malloc's arenas, not from memory mapped
+    for each, and up to 256 MiB freed at the top of an arena stays there.
+    glibc's own thresholds follow the largest block freed so far (mallopt(3)),
+    and at twice a block's size it gave back memory that the next blocks
+    took again, one page fault per page. Over the 2,000,000 records of
+    `bench/pipelines/w1-stateless.yaml`, a run had 23,000 to 30,000 page
+    faults against 40,000 to 48,000. It took 0.68 s against 0.70 s on 2
+    cores and 1.14 s against 1.15 s on one (medians of 10 interleaved
+    runs), with 4 MB and 6 MB more peak memory.
+    `bench/pipelines/w2-windowed.yaml` took 1.29 s against 1.35 s on 2
+    cores and peaked at 170 MB against 173 MB (medians of 5).
 
-    - At most two arenas. glibc gives threads that allocate at once arenas
-      of their own, up to 8 per core, and memory freed in one arena serves
-      only that arena. The parse threads of the sources allocate their
-      blocks' columns there, so the memory freed by one thread sat unused
-      while another grew. With two arenas,
-      `bench/pipelines/w2-windowed.yaml` over 2,000,000 records on 2 cores
-      peaked at 177 MB against 184 MB (medians of 6), and at 185 MB against
-      199 MB with a head start (`connectors/files/head_start.py`); wall
-      times were within the noise.
-    - Blocks of up to 32 MiB come from the arenas, not from memory mapped
-      for each, and up to 256 MiB freed at the top of an arena stays there.
-      glibc's own thresholds follow the largest block freed so far, and at
-      twice a block's size it gave memory back that the next blocks took
-      again, one page fault per page. Over the 2,000,000 records of
-      `bench/pipelines/w1-stateless.yaml` there were about 30,000 page
-      faults against 50,000, and the run took 0.68 s against 0.71 s on 2
-      cores and 1.13 s against 1.14 s on one (medians of 8 interleaved
-      runs), with 6 MB more peak memory on one core.
-      `bench/pipelines/w2-windowed.yaml` took 1.33 s against 1.35 s on 2
-      cores, at the same peak memory (medians of 5).
+    The number of arenas stays glibc's. Under these thresholds, a cap of two
+    arenas no longer lowered the peak memory of either pipeline. It made W1
+    take 0.69 s against 0.67 s, and W2 1.34 s against 1.29 s (medians of 8
+    and 6).
 
-    Arrow allocates with jemalloc and Python's small objects use its own
-    allocator, so neither is affected.
+    Each threshold is left alone where its environment variable is set, and
+    both are where `GLIBC_TUNABLES` names a malloc tunable. Arrow allocates
+    with jemalloc and Python's small objects use their own allocator, so
+    neither is affected.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if sys.platform != "linux" or "glibc.malloc." in tunables:
