@@ -171,15 +171,15 @@ def render(results: dict[str, Any], labels: dict[str, str]) -> str:
         "How to run it is at the end.\n"
     )
     add(
-        "**The machine is shared** with other engineers running test suites, so "
+        "**The machine may be shared** with other work, so "
         "absolute numbers move between runs (load average "
         f"{_load(machine.get('load_before'))} at the start, "
         f"{_load(machine.get('load_after'))} at the end, on "
         f"{machine['cores']} cores). The systems take turns inside every round "
         "of runs, so **the ratios between systems measured in the same run are "
-        "the figures to rely on**. Other engineers also commit to the tree while "
-        "the suite runs, so the Machine table gives DataFlare's commit at the "
-        "start, and at the end when the run recorded a different one.\n"
+        "the figures to rely on**. The Machine table gives DataFlare's commit "
+        "at the start, and at the end when the checkout changed during the "
+        "run.\n"
     )
     for update in results.get("updates", []):
         scope = "profiles of" if update["profiles_only"] else "measurements of"
@@ -274,7 +274,7 @@ def render(results: dict[str, Any], labels: dict[str, str]) -> str:
 
 
 def _runs_text(runs: int) -> str:
-    """Say how many runs each figure comes from, and what a figure is."""
+    """Return the sentence on the runs per measurement and what a figure is."""
     if runs == 1:
         return (
             "Runs per measurement: 1, so the figures of W1, W2 and W4 come "
