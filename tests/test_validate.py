@@ -486,3 +486,57 @@ def test_misspelt_input_hint_and_unread_steps() -> None:
         "destinations.out.inputs.0",
         "transformations.delays.inputs.0",
     ]
+
+
+ZONED = """\
+id: zoned
+sources:
+  events:
+    type: jsonl
+    config:
+      path: "{data}"
+      schema: {{at: {kind}}}
+    event_time: {event_time}
+destinations:
+  out:
+    type: memory
+    inputs: [events]
+"""
+
+
+@pytest.mark.parametrize(
+    "event_time",
+    [
+        "{field: at, timezone: Europe/Paris}",
+        "{expression: \"at + INTERVAL '1 minute'\", timezone: Europe/Paris}",
+    ],
+)
+def test_timezone_on_zoned_timestamp_rejected(tmp_path: Path, event_time: str) -> None:
+    data = tmp_path / "events.jsonl"
+    data.write_text('{"at": "2024-03-01 10:00:00"}\n')
+
+    found = by_path(
+        problems(ZONED.format(data=data, kind="timestamp", event_time=event_time))
+    )
+
+    issue = found["sources.events.event_time.timezone"]
+    assert "'Europe/Paris' does not apply" in issue.message
+    assert "declare the field `string`" in issue.message
+    assert issue.value == "Europe/Paris"
+
+
+@pytest.mark.parametrize(
+    ("kind", "timezone"), [("string", "Europe/Paris"), ("timestamp", "UTC")]
+)
+def test_timezone_allowed_where_it_applies(
+    tmp_path: Path, kind: str, timezone: str
+) -> None:
+    data = tmp_path / "events.jsonl"
+    data.write_text('{"at": "2024-03-01 10:00:00"}\n')
+    event_time = f"{{field: at, timezone: {timezone}}}"
+
+    plan = validate(
+        load_text(ZONED.format(data=data, kind=kind, event_time=event_time))
+    )
+
+    assert "_event_time" in plan.steps["events"].output_schema.names

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dataflare.batch.numpy_arrays import from_numpy, to_numpy
-from dataflare.plugin.interface import EVENT_TIME, FieldNotFoundError
+from dataflare.plugin.interface import EVENT_TIME, ConfigError, FieldNotFoundError
 from dataflare.streaming.spec import EventTimeSpec, WatermarkSpec
 
 if TYPE_CHECKING:
@@ -57,7 +57,10 @@ class EventTimeExtractor:
                 raise FieldNotFoundError(
                     spec.field, self.fields, where="event_time.field"
                 )
-            self._cast = _casts_exactly(schema.field(spec.field).type, spec.timezone)
+            dtype = schema.field(spec.field).type
+            if pa.types.is_timestamp(dtype) and dtype.tz is not None:
+                _check_zone_unused(spec.timezone, f"field {spec.field!r}", dtype.tz)
+            self._cast = _casts_exactly(dtype, spec.timezone)
             if self._cast:
                 return
         import polars as pl
@@ -92,6 +95,8 @@ class EventTimeExtractor:
         fmt = self.spec.format
         expr = self._source
         if isinstance(dtype, pl.Datetime):
+            if dtype.time_zone is not None:
+                _check_zone_unused(self.spec.timezone, self._described, dtype.time_zone)
             if dtype.time_zone is None:
                 expr = expr.dt.replace_time_zone(self.spec.timezone, **LOCAL_TIME_RULES)
             return expr.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
@@ -266,8 +271,23 @@ def _cast_in_range(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
     return times, out_of_range
 
 
-# NOTE: sources read zone-less timestamp text as UTC, so `timezone` does not
-# apply to a field that a source's schema declares a timestamp.
+def _check_zone_unused(timezone: str, described: str, zone: str) -> None:
+    """Raise ConfigError if `timezone` is set for times that carry a zone.
+
+    A `timestamp` field in a source's schema is read as UTC where the text
+    has no offset, so a `timezone` other than UTC would have no effect.
+    """
+    if timezone == "UTC":
+        return
+    raise ConfigError(
+        f"event_time.timezone {timezone!r} does not apply to {described}, whose "
+        f"times already have the zone {zone!r}. A source reads a field its schema "
+        "declares `timestamp` as UTC where the text has no offset; declare the "
+        f"field `string` to read such times in {timezone}, or remove `timezone`",
+        where="event_time.timezone",
+    )
+
+
 def _casts_exactly(dtype: pa.DataType, timezone: str) -> bool:
     """True if an Arrow cast turns `dtype` values into event times exactly.
 
