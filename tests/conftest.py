@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -50,3 +52,11 @@ class RecordingContext:
 @pytest.fixture
 def context() -> RecordingContext:
     return RecordingContext()
+
+
+@pytest.fixture(autouse=True)
+def collector_restored() -> Iterator[None]:
+    """Undo the `gc.freeze` of a `dataflare run` invoked in this process."""
+    yield
+    gc.unfreeze()
+    gc.enable()
