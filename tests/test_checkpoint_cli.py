@@ -189,6 +189,7 @@ def test_from_scratch_reads_everything_again(pipeline: Path, tmp_path: Path) -> 
     assert before
     assert code == 0, err[-3000:]
     assert "resuming" not in err
+    assert "resumed from" not in err
     assert committed_ids(out) == list(range(1010))
 
 
@@ -205,6 +206,8 @@ def test_run_resumes_after_stop_without_from(pipeline: Path, tmp_path: Path) -> 
 
     assert code == 0, err[-3000:]
     assert "resuming from checkpoint" in err
+    assert re.search(r"resumed from checkpoint \d+ at \S+chk-\d+", err), err[-3000:]
+    assert "read 20 records" in err
     assert committed_ids(out) == list(range(1020))
 
 

@@ -130,6 +130,7 @@ def test_run_writes_output_and_summary(pipeline: Path, tmp_path: Path) -> None:
     assert summary["records_read"] == 5
     assert summary["rejected"] == 1
     assert summary["status"] == "completed"
+    assert summary["resumed_from"] is None
     assert "1 rejected record in" in err
     dead = json.loads((tmp_path / "dead.jsonl").read_text())
     assert dead["record"] == {"name": "dee", "age": "notanumber"}

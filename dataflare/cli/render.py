@@ -130,10 +130,15 @@ def print_summary(summary: RunSummary) -> None:
             _count(counters.get("rejected")),
         )
     console.print(table)
-    lines = [
+    lines = []
+    if summary.resumed_from is not None:
+        lines.append(
+            f"resumed from {summary.resumed_from}; the counts are this run's own"
+        )
+    lines.append(
         f"read {summary.records_read:,} records, wrote {summary.records_written:,} in "
-        f"{summary.wall_seconds:.2f} s ({summary.throughput:,.0f} records/s)",
-    ]
+        f"{summary.wall_seconds:.2f} s ({summary.throughput:,.0f} records/s)"
+    )
     if summary.latency_p50_ms is not None:
         lines.append(
             f"end-to-end latency p50 {summary.latency_p50_ms:.2f} ms, "

@@ -112,6 +112,8 @@ class RunSummary:
     outputs: dict[str, list[str]]
     delivery: dict[str, str]
     error: str | None = None
+    resumed_from: str | None = None
+    """The checkpoint the run resumed from, as `checkpoint N at LOCATION`."""
     tables: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def output(self, step_id: str) -> Any:

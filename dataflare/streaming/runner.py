@@ -210,6 +210,12 @@ class PipelineRun:
                 if info.table is not None:
                     tables[instance.plan.id] = info.table
         p50, p99 = state.latency.percentiles(0.5, 0.99)
+        restored = state.restored
+        resumed_from = (
+            None
+            if restored is None
+            else f"checkpoint {restored.id} at {restored.location}"
+        )
         if error is not None:
             status = "failed"
         elif state.stop.is_set() or state.suspending:
@@ -235,6 +241,7 @@ class PipelineRun:
             outputs=outputs,
             delivery=delivery,
             error=str(error) if error else None,
+            resumed_from=resumed_from,
             tables=tables,
         )
 
