@@ -483,6 +483,12 @@ def test_malloc_is_tuned_unless_the_user_chose(
     assert libc.calls == [(-3, 32 << 20)]
 
     libc.calls.clear()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "lots")
+    cli_main._tune_malloc()
+    assert libc.calls == [(-3, 32 << 20), (-1, 256 << 20)]
+
+    libc.calls.clear()
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")
     cli_main._tune_malloc()
     assert libc.calls == []

@@ -372,8 +372,11 @@ def _tune_malloc() -> None:
     take 0.69 s against 0.67 s, and W2 1.34 s against 1.29 s (medians of 8
     and 6).
 
-    Each threshold is left alone where its environment variable is set, and
-    both are where `GLIBC_TUNABLES` names a malloc tunable. Arrow allocates
+    Each threshold is left alone where its environment variable holds a
+    whole number, and both are where `GLIBC_TUNABLES` names a malloc
+    tunable. glibc reads an empty or other value as 0, which maps memory for
+    every allocation and made the main job about 60 % slower, so this
+    function sets the threshold then. Arrow allocates
     with jemalloc and Python's small objects use their own allocator, so
     neither is affected.
     """
@@ -385,7 +388,7 @@ def _tune_malloc() -> None:
     except (OSError, AttributeError):  # a C library without mallopt
         return
     for parameter, variable, value in _MALLOPT:
-        if variable not in os.environ:
+        if not os.environ.get(variable, "").strip().isdigit():
             mallopt(parameter, value)
 
 
