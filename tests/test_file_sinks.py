@@ -236,6 +236,17 @@ def test_rolling_path_that_is_a_file(tmp_path: Path) -> None:
         csv_sink(path, roll_bytes=100)
 
 
+@pytest.mark.parametrize("rolling", [{}, {"roll_bytes": 100}])
+def test_path_under_a_file_names_the_file(
+    tmp_path: Path, rolling: dict[str, Any]
+) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("x\n")
+    message = f"cannot be created: {blocker} is a file, not a folder"
+    with pytest.raises(NotADirectoryError, match=message):
+        csv_sink(blocker / "sub" / "out.csv", **rolling)
+
+
 def test_batches_cast_to_first_schema(tmp_path: Path) -> None:
     path = tmp_path / "cast.csv"
     sink = csv_sink(path)

@@ -409,6 +409,34 @@ errors: {{dead_letter: {{path: {tmp_path}}}}}
     assert issue.message == "is a folder, not a file"
 
 
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("{tmp}/afile/dead.jsonl", "cannot be created, because {tmp}/afile is a file"),
+        ("{tmp}/afile/sub/dead.jsonl", "cannot be created, because {tmp}/afile is a"),
+        ("''", "is empty"),
+    ],
+)
+def test_dead_letter_path_not_creatable_reported(
+    tmp_path: Path, path: str, message: str
+) -> None:
+    (tmp_path / "afile").write_text("x")
+    text = f"""
+id: blocked-path
+sources:
+  s: {{type: generate, config: {{count: 5, fields: {{id: sequence}}}}}}
+destinations:
+  out: {{type: memory, inputs: [s]}}
+errors: {{dead_letter: {{path: {path.format(tmp=tmp_path)}}}}}
+"""
+    with pytest.raises(PipelineValidationError) as caught:
+        validate(load_text(text))
+
+    [issue] = caught.value.issues
+    assert issue.path == ("errors", "dead_letter", "path")
+    assert issue.message.startswith(message.format(tmp=tmp_path))
+
+
 def test_file_destination_inputs_need_same_fields(tmp_path: Path) -> None:
     p = Pipeline("mixed")
     rows = p.source("rows", "memory", records=[{"a": 1, "b": 2}])

@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ValidationError
 
+from dataflare.connectors.files.base import file_in_the_way
 from dataflare.plugin.interface import (
     EVENT_TIME,
     RESERVED_COLUMNS,
@@ -173,9 +174,17 @@ def _check_dead_letter_path(
         "give the dead-letter output a file of its own, "
         "such as dead-letter/{pipeline_id}.jsonl"
     )
+    if not text.strip():
+        issues.append(ValidationIssue(where, "is empty", text, hint))
+        return
     dead = Path(text).resolve()
     if dead.is_dir():
         issues.append(ValidationIssue(where, "is a folder, not a file", text, hint))
+        return
+    blocker = file_in_the_way(dead)
+    if blocker is not None:
+        message = f"cannot be created, because {blocker} is a file, not a folder"
+        issues.append(ValidationIssue(where, message, text, hint))
         return
     destinations = data.get("destinations")
     for step_id in destinations if isinstance(destinations, dict) else {}:

@@ -29,6 +29,18 @@ from pydantic import Field, field_validator
 from dataflare.plugin.interface import PluginConfig, Progress
 from dataflare.streaming.spec import Duration
 
+
+def file_in_the_way(path: Path) -> Path | None:
+    """Return the nearest existing parent of `path` if it is a file, else None.
+
+    Nothing can be created under a file, so writing `path` would fail there.
+    """
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 TYPE_NAMES: dict[str, pa.DataType] = {
     "string": pa.string(),
     "str": pa.string(),

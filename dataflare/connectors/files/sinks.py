@@ -36,6 +36,7 @@ from typing import Any, Generic, TypeVar
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from dataflare.connectors.files.base import file_in_the_way
 from dataflare.connectors.files.writeback import Writeback
 from dataflare.plugin.interface import Sink, SinkConfig, SinkInfo
 from dataflare.state.checkpoint import FINAL_CHECKPOINT
@@ -173,6 +174,7 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
             self._age_timer.start()
 
     def _prepare_file(self, target: Path) -> None:
+        _check_creatable(target)
         if target.is_dir():
             raise IsADirectoryError(
                 f"output path {target} is a directory; name a file, or set "
@@ -187,6 +189,7 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
         _in_progress(target).unlink(missing_ok=True)  # left by a failed run
 
     def _prepare_directory(self, target: Path) -> None:
+        _check_creatable(target)
         if target.exists() and not target.is_dir():
             raise NotADirectoryError(
                 f"output path {target} is a file, but rolling output (roll_bytes or "
@@ -454,6 +457,16 @@ class _AgeTimer(threading.Thread):
         self._stopped.set()
         if self is not threading.current_thread():
             self.join()
+
+
+def _check_creatable(target: Path) -> None:
+    """Raise NotADirectoryError if a file sits where a parent folder must be."""
+    blocker = file_in_the_way(target)
+    if blocker is not None:
+        raise NotADirectoryError(
+            f"output path {target} cannot be created: {blocker} is a file, not a "
+            "folder; name a path in a folder"
+        )
 
 
 def _publish_new(temporary: Path, final: Path) -> None:
