@@ -137,6 +137,24 @@ def test_run_writes_output_and_summary(pipeline: Path, tmp_path: Path) -> None:
     assert "people.csv record 4 (line 5)" in dead["position"]
 
 
+@pytest.mark.parametrize(
+    ("count", "words"), [(1, "read 1 record,"), (2, "read 2 records,")]
+)
+def test_summary_counts_read_records(tmp_path: Path, count: int, words: str) -> None:
+    path = tmp_path / "one.yaml"
+    path.write_text(
+        "id: one\n"
+        f"sources: {{s: {{type: generate, config: {{count: {count}, "
+        "fields: {id: sequence}}}}\n"
+        "destinations: {out: {type: memory, inputs: [s]}}\n"
+    )
+
+    code, _, err = invoke("run", str(path), "--no-progress")
+
+    assert code == 0
+    assert f"{words} wrote {count:,} in" in err
+
+
 @pytest.fixture
 def collector_off() -> Iterator[None]:
     """Turn the garbage collector off, as `main` does, and restore it after."""

@@ -136,7 +136,8 @@ def print_summary(summary: RunSummary) -> None:
             f"resumed from {summary.resumed_from}; the counts are this run's own"
         )
     lines.append(
-        f"read {summary.records_read:,} records, wrote {summary.records_written:,} in "
+        f"read {_records(summary.records_read)}, wrote "
+        f"{summary.records_written:,} in "
         f"{summary.wall_seconds:.2f} s ({summary.throughput:,.0f} records/s)"
     )
     if summary.latency_p50_ms is not None:
@@ -158,6 +159,10 @@ def print_summary(summary: RunSummary) -> None:
         lines.append(f"[red]failed: {summary.error}[/red]")
     for line in lines:
         console.print(line, highlight=False)
+
+
+def _records(count: int) -> str:
+    return f"{count:,} record" if count == 1 else f"{count:,} records"
 
 
 def _count(value: int | None) -> str:
