@@ -1226,7 +1226,7 @@ bash bench/setup_peers.sh            # once: Bytewax, Pathway, py-spy in bench/.
 .venv/bin/python bench/run.py --workloads W1,W2 --runs 5
 ```
 
-`--quick` checks that the suite works in a few minutes: the first 200,000
+`--quick` checks that the suite works (in about 15 minutes): the first 200,000
 records, one run of each measurement, fewer W5 sizes and a 30-second soak.
 Start-up weighs more on such short runs, so the verdicts of a quick page
 do not say whether DataFlare meets the targets; those of the full suite do.
