@@ -257,7 +257,8 @@ def test_bad_lines_rejected_with_line_numbers(
     assert record == {"id": "seven", "at": "2024-01-01T00:00:00Z"}
     assert reason == "field 'id': value \"seven\" is not a valid integer"
     assert rejected[f"{path} line 5"][1] == (
-        "field 'at': value \"yesterday\" is not a valid timestamp (ISO 8601)"
+        "field 'at': value \"yesterday\" is not a valid timestamp "
+        "(ISO 8601, e.g. 2013-01-01T05:00:00Z)"
     )
     assert rejected[f"{path} line 6"][1] == "expected a JSON object, found an array"
     assert rejected[f"{path} line 7"][1].startswith("invalid JSON at column 11")
@@ -778,7 +779,8 @@ def test_every_bad_field_in_reason(tmp_path: Path, context: RecordingContext) ->
         (
             {"id": "x", "ok": True, "at": "soon", "n": 1.5},
             "field 'id': value \"x\" is not a valid integer; "
-            "field 'at': value \"soon\" is not a valid timestamp (ISO 8601); "
+            "field 'at': value \"soon\" is not a valid timestamp "
+            "(ISO 8601, e.g. 2013-01-01T05:00:00Z); "
             "field 'n': value 1.5 is not a valid integer",
             f"{path} line 1",
         )

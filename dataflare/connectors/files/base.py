@@ -453,10 +453,22 @@ def bad_value_reason(field: pa.Field, value: object) -> str:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             return f"field {field.name!r}: value {value!r} is not valid UTF-8 text"
+    if pa.types.is_integer(field.type) and isinstance(value, str):
+        bounds = np.iinfo(field.type.to_pandas_dtype())
+        text = value.strip()
+        if _INTEGER_TEXT.fullmatch(text) and not bounds.min <= int(text) <= bounds.max:
+            return (
+                f"field {field.name!r}: value {value!r} is out of range for "
+                f"{field.type} ({bounds.min} to {bounds.max})"
+            )
     return (
         f"field {field.name!r}: value {value!r} is not a valid "
         f"{describe_type(field.type)}"
     )
+
+
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+"""An integer as text, which Python's `int` reads as Arrow does."""
 
 
 _COLUMN_IN_ERROR = re.compile(r"CSV column #(\d+)")

@@ -74,6 +74,7 @@ from dataflare.connectors.files import head_start
 from dataflare.connectors.files.base import (
     ByteProgress,
     FileSourceConfig,
+    describe_type,
     missing_input_error,
     resolve_paths,
     warn_if_no_input,
@@ -822,10 +823,11 @@ def _timestamp_converter(dtype: pa.TimestampType) -> Converter:
     nanosecond time outside 1677-2262 is rejected.
     """
     unit = dtype.unit
+    described = describe_type(dtype)
 
     def convert(value: Any) -> int:
         if not isinstance(value, str):
-            raise ValueError("is not a valid timestamp (write an ISO 8601 string)")
+            raise ValueError(f"is not a valid {described}: write it as text")
         shift = dt.timedelta()
         if value.startswith("0000"):
             # Arrow reads year 0, which Python's datetime lacks; 400 years
@@ -834,7 +836,7 @@ def _timestamp_converter(dtype: pa.TimestampType) -> Converter:
         try:
             parsed = dt.datetime.fromisoformat(value)
         except ValueError:
-            raise ValueError("is not a valid timestamp (ISO 8601)") from None
+            raise ValueError(f"is not a valid {described}") from None
         offset = parsed.utcoffset() or dt.timedelta()
         since = parsed.replace(tzinfo=None) - _EPOCH - offset
         micros = (since - shift) // _MICROSECOND
