@@ -1411,3 +1411,23 @@ def test_jsonl_timestamps_same_alone_and_in_block(
         assert values == ([expected[number]] if number in expected else [])
         if number not in expected:
             assert "nanosecond timestamp (years 1677 to 2262" in result.rejected[0][1]
+
+
+@pytest.mark.parametrize("schema", [{"id": "int", "age": "int"}, None])
+def test_repeated_key_takes_last_value(
+    tmp_path: Path, schema: dict[str, str] | None
+) -> None:
+    path = tmp_path / "in.jsonl"
+    lines = ['{"id": 1, "age": 7, "age": 8}', '{"age": 3, "id": 2, "age": 4}']
+    path.write_text("\n".join(lines) + "\n")
+    p = Pipeline("repeated")
+    config: dict[str, Any] = {"path": str(path)}
+    if schema is not None:
+        config["schema"] = schema
+    rows = p.source("rows", "jsonl", **config)
+    p.destination("out", "memory", [rows])
+
+    table = p.run().output("out")
+
+    expected = [json.loads(line) for line in lines]  # Python keeps the last too
+    assert table.select(["id", "age"]).to_pylist() == expected
