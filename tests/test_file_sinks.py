@@ -93,6 +93,20 @@ def test_close_without_flush_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_close_without_flush_removes_made_folders(tmp_path: Path) -> None:
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "other.txt").write_text("x\n")
+    made = [tmp_path / "new" / "deeper", tmp_path / "kept" / "inner"]
+    sinks = [csv_sink(folder / "failed.csv") for folder in made]
+    sinks.append(csv_sink(tmp_path / "rolled" / "parts", roll_bytes=1 << 20))
+    for sink in sinks:
+        sink.write(batch(0, 3))
+        sink.close()
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["other.txt"]
+
+
 def test_overwrite_false_rejects_existing_file(tmp_path: Path) -> None:
     path = tmp_path / "exists.csv"
     path.write_text("keep me\n")

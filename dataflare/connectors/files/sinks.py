@@ -152,6 +152,7 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
         self._opened_at = 0.0
         self._part = 0
         self._written: list[str] = []
+        self._made_folders: list[Path] = []  # deepest first
         self._schema: pa.Schema | None = self.input_schema
         # The age timer closes files from its own thread: it and the sink's
         # thread change the open file only while holding this lock.
@@ -185,6 +186,8 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
                 f"output file {target} exists and overwrite is false; remove it "
                 "or set overwrite: true"
             )
+        folders = (target.parent, *target.parent.parents)
+        self._made_folders = [folder for folder in folders if not folder.exists()]
         target.parent.mkdir(parents=True, exist_ok=True)
         _in_progress(target).unlink(missing_ok=True)  # left by a failed run
 
@@ -195,6 +198,8 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
                 f"output path {target} is a file, but rolling output (roll_bytes or "
                 "roll_interval) needs a directory; name a directory"
             )
+        folders = (target, *target.parents)
+        self._made_folders = [folder for folder in folders if not folder.exists()]
         target.mkdir(parents=True, exist_ok=True)
         parts = sorted(target.glob(f"{PART_PREFIX}*{self.extension}"))
         if parts and not self.config.overwrite:
@@ -280,6 +285,9 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
             _in_progress(self._current).unlink(missing_ok=True)
             self._writer = None
             self._current = None
+        if not self._written:
+            # Nothing was published, so the folders made for it go too.
+            _remove_empty(self._made_folders)
 
     def info(self) -> SinkInfo:
         delivery = "exactly-once" if self.transactional else "at-least-once"
@@ -457,6 +465,15 @@ class _AgeTimer(threading.Thread):
         self._stopped.set()
         if self is not threading.current_thread():
             self.join()
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove `folders`, deepest first, up to the first one that is not empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone
+            return
 
 
 def _check_creatable(target: Path) -> None:
