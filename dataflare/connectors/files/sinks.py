@@ -291,7 +291,9 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
 
     def info(self) -> SinkInfo:
         delivery = "exactly-once" if self.transactional else "at-least-once"
-        return SinkInfo(paths=list(self._written), delivery=delivery)
+        # The age timer publishes a file, then lists it, under the lock.
+        with self._lock:
+            return SinkInfo(paths=list(self._written), delivery=delivery)
 
     # --- exactly once ---
 
