@@ -274,7 +274,10 @@ def test_timestamp_field_matches_cast(tmp_path: Path) -> None:
 
 def test_integer_out_of_range_named(tmp_path: Path) -> None:
     path = tmp_path / "in.csv"
-    path.write_text("a,b\n3000000000,1\n12,99999999999999999999\n 7 ,x\n4,5\n")
+    path.write_text(
+        "a,b\n3000000000,1\n12,99999999999999999999\n 7 ,x\n4,5\n"
+        "0x80000000,1\n2,0xFFFFFFFFFFFFFFFF\n0x7fffffff, 0x10 \n"
+    )
     p = api.Pipeline("ranges")
     rows = p.source("rows", "csv", path=str(path), schema={"a": "int32", "b": "int"})
     p.destination("out", "memory", [rows])
@@ -283,7 +286,10 @@ def test_integer_out_of_range_named(tmp_path: Path) -> None:
 
     summary = p.run()
 
-    assert summary.output("out").to_pylist() == [{"a": 4, "b": 5}]
+    assert summary.output("out").to_pylist() == [
+        {"a": 4, "b": 5},
+        {"a": 2**31 - 1, "b": 16},
+    ]
     reasons = [json.loads(line)["reason"] for line in dead.read_text().splitlines()]
     assert reasons == [
         "field 'a': value '3000000000' is out of range for int32 "
@@ -291,6 +297,10 @@ def test_integer_out_of_range_named(tmp_path: Path) -> None:
         "field 'b': value '99999999999999999999' is out of range for int64 "
         "(-9223372036854775808 to 9223372036854775807)",
         "field 'b': value 'x' is not a valid integer",
+        "field 'a': value '0x80000000' is out of range for int32 "
+        "(-2147483648 to 2147483647)",
+        "field 'b': value '0xFFFFFFFFFFFFFFFF' is out of range for int64 "
+        "(-9223372036854775808 to 9223372036854775807)",
     ]
 
 

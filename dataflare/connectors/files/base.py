@@ -310,8 +310,38 @@ def convert_text(values: pa.Array, target: pa.DataType) -> tuple[pa.Array, np.nd
     else:
         result, failed = _cast_checked(values, target)
         bad.append(failed)
+        if pa.types.is_signed_integer(target):
+            result, too_large = _hex_in_range(values, result, target)
+            bad.append(too_large)
     indices = np.unique(np.concatenate(bad)) if bad else np.empty(0, np.int64)
     return result, indices.astype(np.int64)
+
+
+def _hex_in_range(
+    texts: pa.Array, result: pa.Array, target: pa.DataType
+) -> tuple[pa.Array, np.ndarray]:
+    """Null hex values beyond the type's maximum, and return their indices.
+
+    Arrow casts `0x80000000` to int32 as the bit pattern, -2147483648, but
+    the text means 2147483648, which is out of range.
+    """
+    hexes = pc.fill_null(pc.starts_with(texts, "0x", ignore_case=True), False)
+    candidates = np.flatnonzero(hexes.to_numpy(zero_copy_only=False))
+    if not candidates.size:
+        return result, np.empty(0, np.int64)
+    high = np.iinfo(target.to_pandas_dtype()).max
+    read = result.take(pa.array(candidates)).to_pylist()
+    written = texts.take(pa.array(candidates)).to_pylist()
+    over = [
+        int(index)
+        for index, value, text in zip(candidates, read, written, strict=True)
+        if value is not None and int(text, 16) > high
+    ]
+    if not over:
+        return result, np.empty(0, np.int64)
+    mask = np.zeros(len(result), dtype=bool)
+    mask[over] = True
+    return pc.if_else(pa.array(mask), None, result), np.array(over, np.int64)
 
 
 def _convert_timestamps(
@@ -455,8 +485,8 @@ def bad_value_reason(field: pa.Field, value: object) -> str:
             return f"field {field.name!r}: value {value!r} is not valid UTF-8 text"
     if pa.types.is_integer(field.type) and isinstance(value, str):
         bounds = np.iinfo(field.type.to_pandas_dtype())
-        text = value.strip()
-        if _INTEGER_TEXT.fullmatch(text) and not bounds.min <= int(text) <= bounds.max:
+        number = _integer_value(value.strip())
+        if number is not None and not bounds.min <= number <= bounds.max:
             return (
                 f"field {field.name!r}: value {value!r} is out of range for "
                 f"{field.type} ({bounds.min} to {bounds.max})"
@@ -468,7 +498,16 @@ def bad_value_reason(field: pa.Field, value: object) -> str:
 
 
 _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
-"""An integer as text, which Python's `int` reads as Arrow does."""
+_HEX_TEXT = re.compile(r"0[xX][0-9a-fA-F]+")
+
+
+def _integer_value(text: str) -> int | None:
+    """Return the integer that decimal or `0x` hex `text` writes, else None."""
+    if _INTEGER_TEXT.fullmatch(text):
+        return int(text)
+    if _HEX_TEXT.fullmatch(text):
+        return int(text, 16)
+    return None
 
 
 _COLUMN_IN_ERROR = re.compile(r"CSV column #(\d+)")
