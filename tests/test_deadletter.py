@@ -77,3 +77,15 @@ def test_json_number_compares_as_float() -> None:
 def test_dumps_exact_raises_for_other_errors() -> None:
     with pytest.raises(orjson.JSONEncodeError):
         dumps_exact({"s": "\ud800", "n": 2**70})
+
+
+def test_writer_names_its_path_when_open_fails(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x\n")
+    path = tmp_path / "afile" / "dl.jsonl"
+    writer = DeadLetterWriter(path, "p")
+
+    with pytest.raises(OSError, match="cannot write the dead-letter file") as caught:
+        writer.write("src", [{"id": 1}], "bad", ["f line 1"])
+
+    assert "(errors.dead_letter.path)" in str(caught.value)
+    assert str(path) in str(caught.value)

@@ -93,6 +93,12 @@ def test_close_without_flush_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("path", ["", "   "])
+def test_empty_path_rejected(path: str) -> None:
+    with pytest.raises(ValueError, match="path is empty; name the output file"):
+        CsvSinkConfig.model_validate({"path": path})
+
+
 def test_close_without_flush_removes_made_folders(tmp_path: Path) -> None:
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "other.txt").write_text("x\n")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -548,13 +551,14 @@ def test_timezone_on_zoned_timestamp_rejected(tmp_path: Path, event_time: str) -
     )
 
     issue = found["sources.events.event_time.timezone"]
-    assert "'Europe/Paris' does not apply" in issue.message
-    assert "declare the field `string`" in issue.message
+    assert "'Europe/Paris' has no effect" in issue.message
+    assert "make it a `string` in the source's schema" in issue.message
     assert issue.value == "Europe/Paris"
 
 
 @pytest.mark.parametrize(
-    ("kind", "timezone"), [("string", "Europe/Paris"), ("timestamp", "UTC")]
+    ("kind", "timezone"),
+    [("string", "Europe/Paris"), ("timestamp", "UTC"), ("timestamp", "Etc/UTC")],
 )
 def test_timezone_allowed_where_it_applies(
     tmp_path: Path, kind: str, timezone: str
@@ -568,3 +572,33 @@ def test_timezone_allowed_where_it_applies(
     )
 
     assert "_event_time" in plan.steps["events"].output_schema.names
+
+
+@pytest.mark.parametrize(
+    ("timezone", "valid"),
+    [("America/New_York", True), ("UTC", True), ("Europe/Paris", False)],
+)
+def test_timezone_on_zoned_parquet_column(
+    tmp_path: Path, timezone: str, valid: bool
+) -> None:
+    data = tmp_path / "events.parquet"
+    zone = pa.timestamp("ms", tz="America/New_York")
+    at = dt.datetime(2024, 3, 1, 15, 0, tzinfo=dt.UTC)
+    pq.write_table(pa.table({"at": pa.array([at], zone)}), data)
+    text = f"""
+id: zoned-parquet
+sources:
+  events:
+    type: parquet
+    config: {{path: "{data}"}}
+    event_time: {{field: at, timezone: {timezone}}}
+destinations:
+  out: {{type: memory, inputs: [events]}}
+"""
+    if valid:
+        plan = validate(load_text(text))
+        assert "_event_time" in plan.steps["events"].output_schema.names
+        return
+    found = by_path(problems(text))
+    issue = found["sources.events.event_time.timezone"]
+    assert "carry the zone 'America/New_York' already" in issue.message

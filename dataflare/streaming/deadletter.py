@@ -62,11 +62,21 @@ class DeadLetterWriter:
             lines.append(dumps_exact(entry, option=orjson.OPT_NON_STR_KEYS))
         with self._lock:
             if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = self.path.open("ab")
+                self._file = self._open()
             self._file.write(b"\n".join(lines) + b"\n")
             self.count += len(rows)
         return len(rows)
+
+    def _open(self) -> IO[bytes]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return self.path.open("ab")
+        except OSError as exc:
+            raise OSError(
+                f"cannot write the dead-letter file {self.path} "
+                f"(errors.dead_letter.path): {exc.strerror or exc}; give a path "
+                "in a folder that the run can write"
+            ) from exc
 
     def sync(self) -> None:
         """Write the records rejected so far to disk (flush and fsync)."""

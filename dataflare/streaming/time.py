@@ -271,19 +271,37 @@ def _cast_in_range(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
     return times, out_of_range
 
 
-def _check_zone_unused(timezone: str, described: str, zone: str) -> None:
-    """Raise ConfigError if `timezone` is set for times that carry a zone.
+_UTC_NAMES = frozenset(
+    {
+        "UTC",
+        "Etc/UTC",
+        "Etc/UCT",
+        "UCT",
+        "Zulu",
+        "Etc/Zulu",
+        "Universal",
+        "Etc/Universal",
+    }
+)
+"""IANA names of UTC itself: tzdata links each of them to Etc/UTC."""
 
-    A `timestamp` field in a source's schema is read as UTC where the text
-    has no offset, so a `timezone` other than UTC would have no effect.
+
+def _check_zone_unused(timezone: str, described: str, zone: str) -> None:
+    """Raise ConfigError if `timezone` is set for times that carry another zone.
+
+    Such a `timezone` would have no effect. A text source reads a field whose
+    type is `timestamp`, declared or inferred, as UTC where the text has no
+    offset, so this is where a zone meant for such text goes unused.
     """
-    if timezone == "UTC":
+    if timezone == zone or {timezone, zone} <= _UTC_NAMES:
         return
+    if timezone in _UTC_NAMES:
+        return  # the default: times with a zone keep it
     raise ConfigError(
-        f"event_time.timezone {timezone!r} does not apply to {described}, whose "
-        f"times already have the zone {zone!r}. A source reads a field its schema "
-        "declares `timestamp` as UTC where the text has no offset; declare the "
-        f"field `string` to read such times in {timezone}, or remove `timezone`",
+        f"event_time.timezone {timezone!r} has no effect on {described}, whose "
+        f"times carry the zone {zone!r} already; remove `timezone`. If the field "
+        "comes from text without offsets as a `timestamp` (read as UTC), make "
+        f"it a `string` in the source's schema to read that text in {timezone}",
         where="event_time.timezone",
     )
 

@@ -70,6 +70,16 @@ class FileSinkConfig(SinkConfig):
         "(or part file, when rolling) is an error",
     )
 
+    @field_validator("path")
+    @classmethod
+    def _path_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(
+                "path is empty; name the output file, such as out/result.jsonl "
+                "(a folder when roll_bytes or roll_interval is set)"
+            )
+        return value
+
     @field_validator("roll_bytes", mode="before")
     @classmethod
     def _positive_size(cls, value: Any) -> Any:
