@@ -95,7 +95,7 @@ def test_close_without_flush_leaves_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", ["", "   "])
 def test_empty_path_rejected(path: str) -> None:
-    with pytest.raises(ValueError, match="path is empty; name the output file"):
+    with pytest.raises(ValueError, match="is empty; name the output file"):
         CsvSinkConfig.model_validate({"path": path})
 
 

@@ -75,7 +75,7 @@ class FileSinkConfig(SinkConfig):
     def _path_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError(
-                "path is empty; name the output file, such as out/result.jsonl "
+                "is empty; name the output file, such as out/result.jsonl "
                 "(a folder when roll_bytes or roll_interval is set)"
             )
         return value
