@@ -171,6 +171,7 @@ def test_list_inspect_savepoint_and_resume(pipeline: Path, tmp_path: Path) -> No
 
     assert code == 0, err[-3000:]
     assert f"resuming from checkpoint {report['id']} at {savepoint}" in err
+    assert f"resumed from savepoint {savepoint} (checkpoint {report['id']})" in err
     assert committed_ids(out) == list(range(1500))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from dataflare.plugin.interface import Progress, Sink, Source
+from dataflare.state.checkpoint import Checkpoint
 from dataflare.streaming.errors import PipelineRunError
 from dataflare.streaming.executor import Executor
 from dataflare.streaming.metrics import RunSummary, StepSummary
@@ -49,6 +50,9 @@ class ProgressSnapshot:
 
 
 ProgressCallback = Callable[[ProgressSnapshot], None]
+
+SAVEPOINT_PREFIX = "sp-"
+"""Start of the name of a savepoint's folder, followed by its UTC time."""
 
 
 class PipelineRun:
@@ -88,7 +92,7 @@ class PipelineRun:
         if coordinator is None:
             raise PipelineRunError("savepoints need a `checkpointing` section")
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        location = f"{coordinator.storage.path}/savepoints/sp-{stamp}"
+        location = f"{coordinator.storage.path}/savepoints/{SAVEPOINT_PREFIX}{stamp}"
         logger.info("savepoint requested: writing %s", location)
         self.executor.request_savepoint(location)
         return location
@@ -211,11 +215,7 @@ class PipelineRun:
                     tables[instance.plan.id] = info.table
         p50, p99 = state.latency.percentiles(0.5, 0.99)
         restored = state.restored
-        resumed_from = (
-            None
-            if restored is None
-            else f"checkpoint {restored.id} at {restored.location}"
-        )
+        resumed_from = None if restored is None else _resumed_from(restored)
         if error is not None:
             status = "failed"
         elif state.stop.is_set() or state.suspending:
@@ -334,3 +334,10 @@ def _write_pid_file(run: PipelineRun) -> Path | None:
     path = folder / PID_FILE
     path.write_text(f"{os.getpid()}\n")
     return path
+
+
+def _resumed_from(restored: Checkpoint) -> str:
+    """Name the checkpoint or savepoint a run resumed from, for its summary."""
+    if Path(restored.location).name.startswith(SAVEPOINT_PREFIX):
+        return f"savepoint {restored.location} (checkpoint {restored.id})"
+    return f"checkpoint {restored.id} at {restored.location}"
