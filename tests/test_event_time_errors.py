@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from dataflare import Pipeline
@@ -276,3 +278,42 @@ def test_python_api_sets_replay(tmp_path: Path) -> None:
 
     assert [r["at"] for r in written] == sorted(times)
     assert rejected == []
+
+
+def test_skipped_local_time_named_for_expression_and_parquet(tmp_path: Path) -> None:
+    naive = [
+        dt.datetime(2024, 3, 31, 1, 29),
+        dt.datetime(2024, 3, 31, 2, 29),  # clocks skip 02:00-03:00 that day
+        dt.datetime(2024, 3, 31, 3, 29),
+    ]
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"k": ["a", "gap", "b"], "at": naive}), path)
+    dead = tmp_path / "dead.jsonl"
+    reasons = []
+    for event_time in (
+        {"expression": "at + INTERVAL '1 minute'", "timezone": "Europe/Paris"},
+        {"field": "at", "timezone": "Europe/Paris"},
+    ):
+        dead.unlink(missing_ok=True)
+        p = Pipeline("skipped")
+        src = p.source("src", "parquet", path=str(path), event_time=event_time)
+        p.destination("out", "memory", [src])
+        p.errors(dead_letter={"path": str(dead)})
+
+        summary = p.run()
+
+        assert summary.output("out").column("k").to_pylist() == ["a", "b"]
+        [line] = dead.read_text().splitlines()
+        reasons.append(json.loads(line)["reason"])
+
+    skipped = (
+        "does not exist in time zone 'Europe/Paris', whose clocks skip it "
+        "(a daylight saving time change); correct the time or give its offset"
+    )
+    assert reasons[0] == (
+        "invalid event time: expression \"at + INTERVAL '1 minute'\" gave "
+        f"'2024-03-31 02:30:00', which {skipped}"
+    )
+    assert reasons[1] == (
+        f"invalid event time: field 'at' value '2024-03-31 02:29:00' {skipped}"
+    )

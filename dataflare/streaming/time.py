@@ -198,25 +198,59 @@ class EventTimeExtractor:
             return None
 
     def _reason(self, df: pl.DataFrame, row: int) -> str:
+        skipped = (
+            f"does not exist in time zone {self.spec.timezone!r}, whose clocks "
+            "skip it (a daylight saving time change); correct the time or give "
+            "its offset"
+        )
         if self.spec.field is not None:
             value = df[self.spec.field][row]
             if value is None:
                 return (
                     f"missing event time: field {self.spec.field!r} is empty or absent"
                 )
+            text = _shown(value)
             if _is_local_time(value, self.spec.format):
                 return (
                     f"invalid event time: field {self.spec.field!r} value "
-                    f"{value!r} does not exist in time zone "
-                    f"{self.spec.timezone!r}, whose clocks skip it (a daylight "
-                    "saving time change); correct the time or give its offset"
+                    f"{text!r} {skipped}"
                 )
             fmt = self.spec.format or "ISO 8601"
             return (
-                f"invalid event time: field {self.spec.field!r} value {value!r} "
+                f"invalid event time: field {self.spec.field!r} value {text!r} "
                 f"does not match format {fmt!r}"
             )
+        local = self._local(df, row)
+        if local is not None:
+            return (
+                f"invalid event time: expression {self.spec.expression!r} gave "
+                f"{_shown(local)!r}, which {skipped}"
+            )
         return f"missing event time: expression {self.spec.expression!r} gave no value"
+
+    def _local(self, df: pl.DataFrame, row: int) -> dt.datetime | None:
+        """Return the expression's local time without a zone at `row`, if any.
+
+        Such a time gives no event time only where the zone's clocks skip it.
+        """
+        import polars as pl
+
+        try:
+            value = df.slice(row, 1).select(self._source).item()
+        except pl.exceptions.PolarsError:
+            return None
+        if isinstance(value, dt.datetime):
+            return value if value.tzinfo is None else None
+        if isinstance(value, dt.date):
+            return dt.datetime.combine(value, dt.time())
+        return None
+
+
+def _shown(value: object) -> object:
+    """Return `value` as a reason shows it: a datetime as ISO 8601 text."""
+    if isinstance(value, dt.datetime):
+        return value.isoformat(sep=" ")
+    return value
 
 
 LOCAL_TIME_RULES: dict[str, Any] = {"ambiguous": "earliest", "non_existent": "null"}
