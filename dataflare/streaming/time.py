@@ -58,10 +58,10 @@ class EventTimeExtractor:
                     spec.field, self.fields, where="event_time.field"
                 )
             dtype = schema.field(spec.field).type
-            if pa.types.is_timestamp(dtype) and dtype.tz is not None:
-                _check_zone_unused(spec.timezone, f"field {spec.field!r}", dtype.tz)
             self._cast = _casts_exactly(dtype, spec.timezone)
             if self._cast:
+                if dtype.tz is not None:
+                    _check_zone_unused(spec.timezone, f"field {spec.field!r}", dtype.tz)
                 return
         import polars as pl
 
@@ -323,14 +323,12 @@ _UTC_NAMES = frozenset(
 def _check_zone_unused(timezone: str, described: str, zone: str) -> None:
     """Raise ConfigError if `timezone` is set for times that carry another zone.
 
-    Such a `timezone` would have no effect. A text source reads a field whose
-    type is `timestamp`, declared or inferred, as UTC where the text has no
-    offset, so this is where a zone meant for such text goes unused.
+    Such a `timezone` would have no effect. This is the case of a text source's
+    `timestamp` field, declared or inferred, because the source reads text
+    without an offset as UTC.
     """
-    if timezone == zone or {timezone, zone} <= _UTC_NAMES:
-        return
-    if timezone in _UTC_NAMES:
-        return  # the default: times with a zone keep it
+    if timezone == zone or timezone in _UTC_NAMES:
+        return  # UTC is the default, and times with a zone keep theirs
     raise ConfigError(
         f"event_time.timezone {timezone!r} has no effect on {described}, whose "
         f"times carry the zone {zone!r} already; remove `timezone`. If the field "

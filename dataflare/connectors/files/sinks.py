@@ -36,7 +36,6 @@ from typing import Any, Generic, TypeVar
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from dataflare.connectors.files.base import file_in_the_way
 from dataflare.connectors.files.writeback import Writeback
 from dataflare.plugin.interface import Sink, SinkConfig, SinkInfo
 from dataflare.state.checkpoint import FINAL_CHECKPOINT
@@ -185,7 +184,7 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
             self._age_timer.start()
 
     def _prepare_file(self, target: Path) -> None:
-        _check_creatable(target)
+        missing = _folders_to_make(target.parent, target)
         if target.is_dir():
             raise IsADirectoryError(
                 f"output path {target} is a directory; name a file, or set "
@@ -196,20 +195,17 @@ class FileSink(Sink[ConfigT], Generic[ConfigT]):
                 f"output file {target} exists and overwrite is false; remove it "
                 "or set overwrite: true"
             )
-        folders = (target.parent, *target.parent.parents)
-        self._made_folders = [folder for folder in folders if not folder.exists()]
+        self._made_folders = missing
         target.parent.mkdir(parents=True, exist_ok=True)
         _in_progress(target).unlink(missing_ok=True)  # left by a failed run
 
     def _prepare_directory(self, target: Path) -> None:
-        _check_creatable(target)
         if target.exists() and not target.is_dir():
             raise NotADirectoryError(
                 f"output path {target} is a file, but rolling output (roll_bytes or "
                 "roll_interval) needs a directory; name a directory"
             )
-        folders = (target, *target.parents)
-        self._made_folders = [folder for folder in folders if not folder.exists()]
+        self._made_folders = _folders_to_make(target, target)
         target.mkdir(parents=True, exist_ok=True)
         parts = sorted(target.glob(f"{PART_PREFIX}*{self.extension}"))
         if parts and not self.config.overwrite:
@@ -488,14 +484,24 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def _check_creatable(target: Path) -> None:
-    """Raise NotADirectoryError if a file sits where a parent folder must be."""
-    blocker = file_in_the_way(target)
-    if blocker is not None:
-        raise NotADirectoryError(
-            f"output path {target} cannot be created: {blocker} is a file, not a "
-            "folder; name a path in a folder"
-        )
+def _folders_to_make(folder: Path, target: Path) -> list[Path]:
+    """Return the folders from `folder` up that do not exist, deepest first.
+
+    Raises:
+        NotADirectoryError: a file is where a folder for `target` must be.
+    """
+    missing = []
+    for candidate in (folder.absolute(), *folder.absolute().parents):
+        if not candidate.exists():
+            missing.append(candidate)
+        elif candidate.is_dir():
+            break
+        else:
+            raise NotADirectoryError(
+                f"output path {target} cannot be created: {candidate} is a file, "
+                "not a folder; name a path in a folder"
+            )
+    return missing
 
 
 def _publish_new(temporary: Path, final: Path) -> None:
