@@ -1228,8 +1228,8 @@ bash bench/setup_peers.sh            # once: Bytewax, Pathway, py-spy in bench/.
 
 `--quick` checks that the suite works (in about 15 minutes): the first 200,000
 records, one run of each measurement, fewer W5 sizes and a 30-second soak.
-Start-up weighs more on such short runs, so the verdicts of a quick page
-do not say whether DataFlare meets the targets; those of the full suite do.
+Start-up weighs more on such short runs. So the verdicts of a quick page
+do not say whether DataFlare meets the targets; only the full suite's do.
 
 Raw results are saved in `bench/.work/results.json`;
 `python bench/report.py bench/.work/results.json` writes this page again

@@ -55,7 +55,7 @@ ONE_CORE = (0,)
 GLIBC_MALLOC = {"GLIBC_TUNABLES": f"glibc.malloc.arena_max={8 * (os.cpu_count() or 1)}"}
 """Environment under which `dataflare run` leaves glibc's malloc as it is: a
 malloc tunable set to its default, 8 arenas per online CPU on 64-bit machines
-(`NARENAS_FROM_NCORES` in glibc's malloc/arena.c)."""
+(`NARENAS_FROM_NCORES` in glibc's malloc/malloc.c)."""
 ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "startup")
 PEERS = ("bytewax", "pathway", "baseline")
 PEER_PROGRAMS = {

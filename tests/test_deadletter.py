@@ -84,7 +84,7 @@ def test_writer_names_its_path_when_open_fails(tmp_path: Path) -> None:
     path = tmp_path / "afile" / "dl.jsonl"
     writer = DeadLetterWriter(path, "p")
 
-    with pytest.raises(OSError, match="cannot write the dead-letter file") as caught:
+    with pytest.raises(OSError, match="failed to open the dead-letter file") as caught:
         writer.write("src", [{"id": 1}], "bad", ["f line 1"])
 
     assert "(errors.dead_letter.path)" in str(caught.value)

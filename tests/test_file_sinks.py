@@ -99,11 +99,11 @@ def test_empty_path_rejected(path: str) -> None:
         CsvSinkConfig.model_validate({"path": path})
 
 
-def test_close_without_flush_removes_made_folders(tmp_path: Path) -> None:
+def test_failed_close_removes_new_folders(tmp_path: Path) -> None:
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "other.txt").write_text("x\n")
-    made = [tmp_path / "new" / "deeper", tmp_path / "kept" / "inner"]
-    sinks = [csv_sink(folder / "failed.csv") for folder in made]
+    new_folders = [tmp_path / "new" / "deeper", tmp_path / "kept" / "inner"]
+    sinks = [csv_sink(folder / "failed.csv") for folder in new_folders]
     sinks.append(csv_sink(tmp_path / "rolled" / "parts", roll_bytes=1 << 20))
     for sink in sinks:
         sink.write(batch(0, 3))

@@ -372,13 +372,12 @@ def _tune_malloc() -> None:
     take 0.69 s against 0.67 s, and W2 1.34 s against 1.29 s (medians of 8
     and 6).
 
-    Each threshold is left alone where its environment variable holds a
+    Each threshold is left alone where its environment variable is set to a
     whole number, and both are where `GLIBC_TUNABLES` names a malloc
     tunable. glibc reads an empty or other value as 0, which maps memory for
     every allocation and made the main job about 60 % slower, so this
-    function sets the threshold then. Arrow allocates
-    with jemalloc and Python's small objects use their own allocator, so
-    neither is affected.
+    function sets the threshold then. Arrow allocates with jemalloc and
+    Python's small objects use their own allocator, so neither is affected.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if sys.platform != "linux" or "glibc.malloc." in tunables:

@@ -73,7 +73,7 @@ class DeadLetterWriter:
             return self.path.open("ab")
         except OSError as exc:
             raise OSError(
-                f"cannot write the dead-letter file {self.path} "
+                f"failed to open the dead-letter file {self.path} "
                 f"(errors.dead_letter.path): {exc.strerror or exc}; give a path "
                 "in a folder that the run can write"
             ) from exc

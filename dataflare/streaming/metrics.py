@@ -113,7 +113,7 @@ class RunSummary:
     delivery: dict[str, str]
     error: str | None = None
     resumed_from: str | None = None
-    """The checkpoint the run resumed from, as `checkpoint N at LOCATION`."""
+    """The checkpoint or savepoint the run resumed from, as the summary names it."""
     tables: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def output(self, step_id: str) -> Any:
